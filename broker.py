@@ -1,0 +1,59 @@
+"""Wires the worker to RabbitMQ: the subscribers, and what the worker declares at start-up."""
+
+import socket
+import uuid
+
+from faststream import AckPolicy, FastStream
+from faststream.rabbit import Channel, RabbitBroker, RabbitQueue
+from faststream.rabbit.annotations import RabbitMessage
+
+from chatbus import topology
+from chatbus.contract import CancelRequest
+from chatbus.upstream import create_ollama_client
+from chatbus.worker import ChatWorker
+from config import Settings
+
+
+def create_app(settings: Settings) -> FastStream:
+    broker = RabbitBroker(settings.rabbitmq_url, graceful_timeout=settings.graceful_timeout)
+    client = create_ollama_client(settings.ollama_host, settings)
+    worker = ChatWorker(broker, client, settings)
+
+    @broker.subscriber(
+        topology.requests_queue(settings),
+        # The prefetch bounds the generations one worker runs at once.
+        channel=Channel(prefetch_count=settings.prefetch),
+        ack_policy=AckPolicy.MANUAL,
+        no_reply=True,
+        title=settings.requests_queue,
+    )
+    async def handle_chat_request(message: RabbitMessage) -> None:
+        await worker.handle(message)
+
+    cancel_queue = RabbitQueue(
+        f"{settings.cancel_exchange}.{socket.gethostname()}.{uuid.uuid4().hex[:8]}",
+        exclusive=True,
+        auto_delete=True,
+    )
+
+    @broker.subscriber(
+        cancel_queue, topology.cancel_exchange(settings), title=settings.cancel_exchange
+    )
+    async def handle_cancel(cancel: CancelRequest) -> None:
+        worker.cancel(cancel)
+
+    app = FastStream(broker)
+
+    @app.on_startup
+    async def declare_topology() -> None:
+        # Declared before consuming starts: requesters bind to the replies exchange, and
+        # dead letters need their queue to exist.
+        await broker.connect()
+        await broker.declare_queue(topology.dead_letter_queue(settings))
+        await broker.declare_exchange(topology.replies_exchange(settings))
+
+    @app.after_shutdown
+    async def close_ollama_client() -> None:
+        await client.close()  # type: ignore[no-untyped-call]
+
+    return app

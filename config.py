@@ -1,0 +1,14 @@
+"""Service settings, from the environment and an optional `.env` file."""
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from chatbus.options import WorkerOptions
+
+
+class Settings(WorkerOptions, BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    rabbitmq_url: str = Field(default="amqp://guest:guest@localhost:5672/")
+    ollama_host: str = Field(default="http://localhost:11434")
+    log_level: str = Field(default="INFO")

@@ -1,0 +1,182 @@
+"""The message contract: what requesters publish and what the worker replies.
+
+The request mirrors Ollama's `/api/chat` body so that anyone who knows Ollama knows it.
+Every reply carries `type`, `correlation_id`, `attempt` and `seq`; exactly one reply per
+attempt is terminal (`done` or `error`).
+"""
+
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+REQUESTS_QUEUE = "chat.requests"
+REPLIES_EXCHANGE = "chat.replies"
+CANCEL_EXCHANGE = "chat.cancel"
+DEAD_LETTER_QUEUE = "chat.requests.dlq"
+
+DEADLINE_HEADER = "x-deadline"
+"""Request header: absolute deadline as Unix epoch seconds (int or float). An expired
+request is answered with `deadline_exceeded` without calling Ollama."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ToolCallFunction(_Strict):
+    name: str = Field(description="Name of the function the model calls.")
+    arguments: dict[str, Any] = Field(description="Arguments, as a JSON object.")
+
+
+class ToolCall(_Strict):
+    function: ToolCallFunction
+
+
+class ChatMessage(_Strict):
+    """One message of the conversation, as Ollama's `/api/chat` takes it."""
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = Field(default="", description="Text of the message.")
+    thinking: str | None = Field(
+        default=None, description="The model's earlier thinking (assistant messages)."
+    )
+    images: list[str] | None = Field(
+        default=None, description="Base64-encoded images for multimodal models."
+    )
+    tool_calls: list[ToolCall] | None = Field(
+        default=None, description="Tool calls the assistant made (assistant messages)."
+    )
+    tool_name: str | None = Field(
+        default=None, description="Which tool produced this result (tool messages)."
+    )
+
+
+class ChatRequest(_Strict):
+    """A chat request. Fields other than `messages` are optional and passed to Ollama as is."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "llama3.2",
+                    "messages": [{"role": "user", "content": "Why is the sky blue?"}],
+                    "options": {"temperature": 0.2},
+                }
+            ]
+        },
+    )
+
+    messages: list[ChatMessage] = Field(
+        min_length=1, description="The conversation so far; at least one message."
+    )
+    model: str | None = Field(
+        default=None, min_length=1, description="Ollama model; the worker's default if absent."
+    )
+    options: dict[str, Any] | None = Field(
+        default=None, description="Ollama model options (temperature, num_predict, ...)."
+    )
+    tools: list[dict[str, Any]] | None = Field(
+        default=None, description="Tools the model may call, in Ollama's format."
+    )
+    format: Literal["json"] | dict[str, Any] | None = Field(
+        default=None, description='"json" or a JSON schema the reply must follow.'
+    )
+    think: bool | Literal["low", "medium", "high"] | None = Field(
+        default=None, description="Ask a thinking model to think (and stream its thinking)."
+    )
+    keep_alive: str | float | None = Field(
+        default=None, description="How long Ollama keeps the model loaded afterwards."
+    )
+    stream: bool = Field(
+        default=True, description="false: no chunks, the only reply is the `done` message."
+    )
+
+
+class ErrorCode(StrEnum):
+    """The closed set of error codes a terminal `error` reply carries."""
+
+    INVALID_REQUEST = "invalid_request"
+    """The request is malformed, violates the schema or a limit. Not retryable."""
+    MODEL_NOT_FOUND = "model_not_found"
+    """Ollama does not have the model (HTTP 404). Not retryable."""
+    UPSTREAM_UNAVAILABLE = "upstream_unavailable"
+    """Ollama could not be reached or was busy before the first token. Retryable."""
+    UPSTREAM_ERROR = "upstream_error"
+    """Ollama failed (a 4xx other than 404, or a failure after tokens were sent)."""
+    TIMEOUT = "timeout"
+    """A first-token, idle or total timeout expired. Retryable."""
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    """The request's own deadline passed. Not retryable."""
+    INTERNAL_ERROR = "internal_error"
+    """The worker failed unexpectedly on the last allowed delivery. Retryable."""
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = Field(description="Tokens in the prompt (Ollama's prompt_eval_count).")
+    completion_tokens: int = Field(description="Tokens generated (Ollama's eval_count).")
+
+
+class Timings(BaseModel):
+    """Ollama's own timings, in nanoseconds."""
+
+    total_duration: int | None = None
+    load_duration: int | None = None
+    prompt_eval_duration: int | None = None
+    eval_duration: int | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str = ""
+    thinking: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+
+class _Reply(BaseModel):
+    correlation_id: str = Field(description="The request's correlation id.")
+    attempt: int = Field(
+        default=1,
+        ge=1,
+        description="Delivery attempt of the request (1, 2, ...). Replies of a higher attempt "
+        "supersede an earlier attempt's partial output.",
+    )
+    seq: int = Field(ge=0, description="0, 1, 2, ... in publish order, restarting per attempt.")
+
+
+class ChunkReply(_Reply):
+    type: Literal["chunk"] = "chunk"
+    content: str = Field(description="The text delta.")
+    thinking: str | None = Field(default=None, description="Thinking delta, when sent.")
+    tool_calls: list[ToolCall] | None = Field(default=None, description="Tool calls, when sent.")
+
+
+class DoneReply(_Reply):
+    type: Literal["done"] = "done"
+    done_reason: str = Field(
+        description='Ollama\'s done_reason ("stop", "length", ...), or '
+        '"cancelled" when a cancel stopped the generation.'
+    )
+    model: str
+    message: AssistantMessage = Field(description="The whole assistant message.")
+    usage: Usage
+    timings: Timings
+
+
+class ErrorReply(_Reply):
+    type: Literal["error"] = "error"
+    code: ErrorCode
+    message: str = Field(description="What went wrong, for humans.")
+    retryable: bool = Field(description="Whether sending the same request again may succeed.")
+
+
+Reply = Annotated[ChunkReply | DoneReply | ErrorReply, Field(discriminator="type")]
+TerminalReply = DoneReply | ErrorReply
+reply_adapter: TypeAdapter[ChunkReply | DoneReply | ErrorReply] = TypeAdapter(Reply)
+
+
+class CancelRequest(BaseModel):
+    """Published to the fanout exchange `chat.cancel` to stop a generation."""
+
+    correlation_id: str = Field(min_length=1)

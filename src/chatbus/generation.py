@@ -1,0 +1,314 @@
+"""The chat streaming logic: one request's Ollama stream, turned into coalesced chunks.
+
+A reader task pulls Ollama's stream into an inbox; the generation loop waits on that inbox
+alone, so the first-token, idle and total timeouts, flushes and cancels are all one wait.
+Closing the reader closes the HTTP stream, which is the only way to make Ollama stop.
+"""
+
+import asyncio
+import contextlib
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import ollama
+
+from chatbus.contract import (
+    AssistantMessage,
+    ChatRequest,
+    ErrorCode,
+    Timings,
+    ToolCall,
+    Usage,
+)
+from chatbus.options import WorkerOptions
+from chatbus.upstream import ChatFailure, classify_upstream_error
+
+
+class ChunkSink(Protocol):
+    """Where a generation sends its chunks; raises to stop the generation."""
+
+    async def chunk(
+        self, content: str, thinking: str | None, tool_calls: list[ToolCall] | None
+    ) -> None: ...
+
+
+@dataclass(frozen=True)
+class Completion:
+    """What the terminal `done` reply reports."""
+
+    done_reason: str
+    model: str
+    message: AssistantMessage
+    usage: Usage
+    timings: Timings
+
+
+class _Cancel:
+    """The requester asked to stop."""
+
+
+class _StreamEnd:
+    """The Ollama stream ended (after its final `done` part, if it was well formed)."""
+
+
+@dataclass
+class _Answer:
+    """The answer so far, and how much of it the requester has not been sent yet."""
+
+    content: list[str] = field(default_factory=list)
+    thinking: list[str] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    unsent_chars: int = 0
+    _sent: tuple[int, int, int] = (0, 0, 0)
+
+    def add(self, message: ollama.Message) -> None:
+        if message.content:
+            self.content.append(message.content)
+            self.unsent_chars += len(message.content)
+        if message.thinking:
+            self.thinking.append(message.thinking)
+            self.unsent_chars += len(message.thinking)
+        if message.tool_calls:
+            self.tool_calls.extend(_tool_call(call) for call in message.tool_calls)
+
+    def has_unsent(self) -> bool:
+        return self._sent != (len(self.content), len(self.thinking), len(self.tool_calls))
+
+    def take_unsent(self) -> tuple[str, str | None, list[ToolCall] | None]:
+        content_from, thinking_from, tools_from = self._sent
+        self._sent = (len(self.content), len(self.thinking), len(self.tool_calls))
+        self.unsent_chars = 0
+        return (
+            "".join(self.content[content_from:]),
+            "".join(self.thinking[thinking_from:]) or None,
+            self.tool_calls[tools_from:] or None,
+        )
+
+    def message(self) -> AssistantMessage:
+        return AssistantMessage(
+            content="".join(self.content),
+            thinking="".join(self.thinking) or None,
+            tool_calls=self.tool_calls or None,
+        )
+
+
+def _tool_call(call: ollama.Message.ToolCall) -> ToolCall:
+    return ToolCall.model_validate(
+        {"function": {"name": call.function.name, "arguments": dict(call.function.arguments)}}
+    )
+
+
+def ollama_arguments(request: ChatRequest, model: str, max_num_predict: int) -> dict[str, Any]:
+    """The `/api/chat` arguments for a request: its own fields, with `num_predict` capped so
+    that no request can generate without end (Ollama's default)."""
+    options = dict(request.options or {})
+    options.setdefault("num_predict", max_num_predict)
+    return {
+        "model": model,
+        "messages": [m.model_dump(exclude_none=True) for m in request.messages],
+        "tools": request.tools,
+        "format": request.format,
+        "options": options,
+        "think": request.think,
+        "keep_alive": request.keep_alive,
+    }
+
+
+class Generation:
+    """One attempt at answering one request. `cancel()` may be called from anywhere."""
+
+    def __init__(
+        self,
+        client: ollama.AsyncClient,
+        request: ChatRequest,
+        model: str,
+        options: WorkerOptions,
+        deadline: float | None = None,
+    ) -> None:
+        """`deadline` is the requester's, on the event loop's clock."""
+        self._client = client
+        self._request = request
+        self._model = model
+        self._options = options
+        self._deadline = deadline
+        self._inbox: asyncio.Queue[Any] = asyncio.Queue()
+
+    def cancel(self) -> None:
+        self._inbox.put_nowait(_Cancel())
+
+    async def run(self, sink: ChunkSink) -> Completion:
+        """Stream the answer into `sink`; return the completion or raise `ChatFailure`."""
+        loop = asyncio.get_running_loop()
+        options = self._options
+        started = loop.time()
+        stop_at = started + options.total_timeout
+        if self._deadline is not None and self._deadline < stop_at:
+            stop_at, stop_failure = (
+                self._deadline,
+                ChatFailure(
+                    ErrorCode.DEADLINE_EXCEEDED, "the request's deadline passed", retryable=False
+                ),
+            )
+        else:
+            stop_failure = ChatFailure(
+                ErrorCode.TIMEOUT,
+                f"no complete answer within the total timeout of {options.total_timeout:g}s",
+                retryable=True,
+            )
+        retry_until = min(started + options.retry_budget, stop_at)
+        backoff = options.retry_initial_backoff
+        while True:
+            reader = asyncio.create_task(self._read())
+            try:
+                return await self._consume(sink, stop_at, stop_failure)
+            except _Retryable as retry:
+                delay = min(backoff, options.retry_max_backoff) * random.uniform(0.5, 1.0)
+                if loop.time() + delay > retry_until:
+                    raise retry.failure from None
+                backoff *= 2
+            finally:
+                reader.cancel()
+                await asyncio.wait([reader])
+            with contextlib.suppress(TimeoutError):
+                cancel = await asyncio.wait_for(self._inbox.get(), delay)
+                if not isinstance(cancel, _Cancel):
+                    raise AssertionError(f"only a cancel can arrive between attempts: {cancel!r}")
+                return cancelled(self._model)
+
+    async def _read(self) -> None:
+        try:
+            stream: AsyncIterator[ollama.ChatResponse] = await self._client.chat(
+                **ollama_arguments(self._request, self._model, self._options.max_num_predict),
+                stream=True,
+            )
+            async with contextlib.aclosing(stream) as parts:  # type: ignore[type-var]
+                async for part in parts:
+                    self._inbox.put_nowait(part)
+            self._inbox.put_nowait(_StreamEnd())
+        except Exception as error:  # handed to the generation loop, which decides
+            self._inbox.put_nowait(error)
+
+    async def _consume(
+        self, sink: ChunkSink, stop_at: float, stop_failure: ChatFailure
+    ) -> Completion:
+        loop = asyncio.get_running_loop()
+        options = self._options
+        inbox = self._inbox
+        answer = _Answer()
+        parts_received = 0
+        last_part_at = loop.time()
+        last_flush_at = 0.0
+        while True:
+            if inbox.empty():
+                wait_until, wait_failure = self._wait_limit(
+                    parts_received, last_part_at, stop_at, stop_failure
+                )
+                flush_at = (
+                    last_flush_at + options.flush_window if answer.has_unsent() else wait_until
+                )
+                try:
+                    item = await asyncio.wait_for(
+                        inbox.get(), min(wait_until, flush_at) - loop.time()
+                    )
+                except TimeoutError:
+                    if answer.has_unsent() and loop.time() >= flush_at:
+                        await sink.chunk(*answer.take_unsent())
+                        last_flush_at = loop.time()
+                        continue
+                    raise wait_failure from None
+            else:
+                item = inbox.get_nowait()
+
+            if isinstance(item, ollama.ChatResponse):
+                parts_received += 1
+                last_part_at = loop.time()
+                answer.add(item.message)
+                if item.done:
+                    if answer.has_unsent():
+                        await sink.chunk(*answer.take_unsent())
+                    return self._completion(item, answer.message())
+                if (
+                    parts_received == 1
+                    or item.message.tool_calls
+                    or answer.unsent_chars >= options.max_chunk_chars
+                    or last_part_at >= last_flush_at + options.flush_window
+                ) and answer.has_unsent():
+                    await sink.chunk(*answer.take_unsent())
+                    last_flush_at = loop.time()
+            elif isinstance(item, _Cancel):
+                if answer.has_unsent():
+                    await sink.chunk(*answer.take_unsent())
+                return cancelled(self._model, answer.message(), parts_received)
+            elif isinstance(item, _StreamEnd):
+                raise ChatFailure(
+                    ErrorCode.UPSTREAM_ERROR,
+                    "Ollama's stream ended without its final part",
+                    retryable=True,
+                )
+            else:
+                failure, retry = classify_upstream_error(item, tokens_sent=parts_received > 0)
+                if retry:
+                    raise _Retryable(failure)
+                raise failure
+
+    def _wait_limit(
+        self, parts_received: int, last_part_at: float, stop_at: float, stop_failure: ChatFailure
+    ) -> tuple[float, ChatFailure]:
+        """Until when the loop may wait for Ollama's next part, and the failure past it."""
+        options = self._options
+        if parts_received:
+            limit, failure = (
+                last_part_at + options.idle_timeout,
+                ChatFailure(
+                    ErrorCode.TIMEOUT,
+                    f"no token for {options.idle_timeout:g}s (idle timeout)",
+                    retryable=True,
+                ),
+            )
+        else:
+            limit, failure = (
+                last_part_at + options.first_token_timeout,
+                ChatFailure(
+                    ErrorCode.TIMEOUT,
+                    f"no first token within {options.first_token_timeout:g}s",
+                    retryable=True,
+                ),
+            )
+        return (stop_at, stop_failure) if stop_at < limit else (limit, failure)
+
+    def _completion(self, final: ollama.ChatResponse, message: AssistantMessage) -> Completion:
+        return Completion(
+            done_reason=final.done_reason or "stop",
+            model=final.model or self._model,
+            message=message,
+            usage=Usage(
+                prompt_tokens=final.prompt_eval_count or 0,
+                completion_tokens=final.eval_count or 0,
+            ),
+            timings=Timings(
+                total_duration=final.total_duration,
+                load_duration=final.load_duration,
+                prompt_eval_duration=final.prompt_eval_duration,
+                eval_duration=final.eval_duration,
+            ),
+        )
+
+
+def cancelled(model: str, message: AssistantMessage | None = None, parts: int = 0) -> Completion:
+    """The completion of a cancelled generation. Ollama reports no counts for a stream we
+    closed, so the completion tokens are the parts received."""
+    return Completion(
+        done_reason="cancelled",
+        model=model,
+        message=message or AssistantMessage(),
+        usage=Usage(prompt_tokens=0, completion_tokens=parts),
+        timings=Timings(),
+    )
+
+
+class _Retryable(Exception):
+    def __init__(self, failure: ChatFailure) -> None:
+        super().__init__(str(failure))
+        self.failure = failure

@@ -1,0 +1,37 @@
+"""The RabbitMQ objects of the contract, shared by the worker and the requester client."""
+
+from faststream.rabbit import ExchangeType, QueueType, RabbitExchange, RabbitQueue
+
+from chatbus.options import WorkerOptions
+
+
+def requests_queue(options: WorkerOptions) -> RabbitQueue:
+    """Quorum queue: replicated, counts deliveries, and dead-letters a request that failed
+    `delivery_limit` times (or was rejected as invalid) into the dead-letter queue. The
+    at-least-once strategy keeps a dead letter until the dead-letter queue confirms it."""
+    return RabbitQueue(
+        options.requests_queue,
+        queue_type=QueueType.QUORUM,
+        durable=True,
+        arguments={
+            "x-delivery-limit": options.delivery_limit,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": options.dead_letter_queue,
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+        },
+    )
+
+
+def dead_letter_queue(options: WorkerOptions) -> RabbitQueue:
+    return RabbitQueue(options.dead_letter_queue, queue_type=QueueType.QUORUM, durable=True)
+
+
+def replies_exchange(options: WorkerOptions) -> RabbitExchange:
+    """Requesters bind their own queue here with routing key = their correlation id."""
+    return RabbitExchange(options.replies_exchange, type=ExchangeType.DIRECT, durable=True)
+
+
+def cancel_exchange(options: WorkerOptions) -> RabbitExchange:
+    """Every worker binds its own exclusive queue, so each sees every cancel."""
+    return RabbitExchange(options.cancel_exchange, type=ExchangeType.FANOUT, durable=True)
