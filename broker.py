@@ -14,6 +14,12 @@ from chatbus.worker import ChatWorker
 from config import Settings
 
 
+async def keep_body_raw(message: RabbitMessage) -> bytes:
+    """The worker parses requests itself, so that a malformed one is answered, not dropped
+    by FastStream's JSON decoding before the handler runs."""
+    return message.body
+
+
 def create_app(settings: Settings) -> FastStream:
     broker = RabbitBroker(settings.rabbitmq_url, graceful_timeout=settings.graceful_timeout)
     client = create_ollama_client(settings.ollama_host, settings)
@@ -24,6 +30,7 @@ def create_app(settings: Settings) -> FastStream:
         # The prefetch bounds the generations one worker runs at once.
         channel=Channel(prefetch_count=settings.prefetch),
         ack_policy=AckPolicy.MANUAL,
+        decoder=keep_body_raw,
         no_reply=True,
         title=settings.requests_queue,
     )

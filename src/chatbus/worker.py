@@ -46,10 +46,19 @@ class RequesterGone(Exception):
     """A reply came back unroutable: nobody is listening for this correlation id."""
 
 
+_DIRECT_REPLY_TO_PREFIX = "amq.rabbitmq.reply-to."
+
+
 @dataclass(frozen=True)
 class ReplyRoute:
     exchange: RabbitExchange
     routing_key: str
+
+    @property
+    def detects_requester_gone(self) -> bool:
+        """Whether a mandatory publish tells us nobody is listening. Not so for direct
+        reply-to: RabbitMQ returns mandatory replies there even when it delivers them."""
+        return not self.routing_key.startswith(_DIRECT_REPLY_TO_PREFIX)
 
 
 class ReplyPublisher:
@@ -123,7 +132,7 @@ class ReplyPublisher:
             routing_key=self._route.routing_key,
             correlation_id=self._correlation_id,
             content_type="application/json",
-            mandatory=True,
+            mandatory=self._route.detects_requester_gone,
             timeout=self._publish_timeout,
         )
         if isinstance(confirmation, DeliveredMessage):

@@ -1,0 +1,138 @@
+"""Fixtures: a real RabbitMQ, the fake Ollama, and the real worker around them.
+
+The broker comes from RABBITMQ_URL when set (an unreachable one fails the run), else a broker
+answering on localhost:5672, else testcontainers' RabbitMQ when Docker is available. Without
+any of them the integration tests are skipped, except under CI=true where that is an error.
+Every queue and exchange a run declares carries a prefix unique to the run.
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import aio_pika
+import pytest
+
+from chatbus.testing import FakeOllama
+from config import Settings
+from tests.support import Requester, running_worker
+
+RUN_PREFIX = f"test-{uuid.uuid4().hex[:8]}"
+
+
+def _answers(url: str) -> bool:
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "localhost", parts.port or 5672), 3):
+            return True
+    except OSError:
+        return False
+
+
+def _docker_available() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    return subprocess.run(["docker", "info"], capture_output=True, check=False).returncode == 0
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_url() -> Iterator[str]:
+    if url := os.environ.get("RABBITMQ_URL"):
+        if not _answers(url):
+            pytest.fail(f"RABBITMQ_URL={url} is set but nothing answers there")
+        yield url
+        return
+    local = "amqp://guest:guest@localhost:5672/"
+    if _answers(local):
+        yield local
+        return
+    if _docker_available():
+        from testcontainers.rabbitmq import RabbitMqContainer
+
+        with RabbitMqContainer("rabbitmq:4.1-management") as container:
+            host = container.get_container_host_ip()
+            port = container.get_exposed_port(5672)
+            yield f"amqp://guest:guest@{host}:{port}/"
+        return
+    reason = "no RabbitMQ: set RABBITMQ_URL, run one on localhost:5672, or start Docker"
+    if os.environ.get("CI") == "true":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+async def fake_ollama() -> AsyncIterator[FakeOllama]:
+    async with FakeOllama() as fake:
+        yield fake
+
+
+@pytest.fixture(scope="session")
+async def amqp(rabbitmq_url: str) -> AsyncIterator[aio_pika.abc.AbstractRobustConnection]:
+    connection = await aio_pika.connect_robust(rabbitmq_url)
+    yield connection
+    await connection.close()
+
+
+@pytest.fixture(scope="session")
+async def make_settings(
+    rabbitmq_url: str, fake_ollama: FakeOllama, amqp: aio_pika.abc.AbstractRobustConnection
+) -> AsyncIterator[Callable[..., Settings]]:
+    """Settings for a worker with its own queue and exchange names, and timeouts short
+    enough for tests. Everything they name is deleted at the end of the run."""
+    created: list[Settings] = []
+
+    def make(**overrides: Any) -> Settings:
+        prefix = f"{RUN_PREFIX}.{uuid.uuid4().hex[:6]}"
+        values: dict[str, Any] = {
+            "rabbitmq_url": rabbitmq_url,
+            "ollama_host": fake_ollama.url,
+            "requests_queue": f"{prefix}.chat.requests",
+            "replies_exchange": f"{prefix}.chat.replies",
+            "cancel_exchange": f"{prefix}.chat.cancel",
+            "dead_letter_queue": f"{prefix}.chat.requests.dlq",
+            "first_token_timeout": 3.0,
+            "idle_timeout": 1.0,
+            "total_timeout": 20.0,
+            "retry_budget": 1.0,
+            "retry_initial_backoff": 0.05,
+            "flush_window": 0.0,
+            "graceful_timeout": 5.0,
+        }
+        settings = Settings(**(values | overrides))
+        created.append(settings)
+        return settings
+
+    yield make
+
+    channel = await amqp.channel()
+    for settings in created:
+        for queue in (settings.requests_queue, settings.dead_letter_queue):
+            await channel.queue_delete(queue)
+        for exchange in (settings.replies_exchange, settings.cancel_exchange):
+            await channel.exchange_delete(exchange)
+    await channel.close()
+
+
+@pytest.fixture(scope="session")
+async def worker_settings(make_settings: Callable[..., Settings]) -> Settings:
+    return make_settings()
+
+
+@pytest.fixture(scope="session")
+async def worker(worker_settings: Settings) -> AsyncIterator[Settings]:
+    """The real worker, in this process, shared by the tests that need no worker of their own."""
+    async with running_worker(worker_settings):
+        yield worker_settings
+
+
+@pytest.fixture
+async def requester(
+    amqp: aio_pika.abc.AbstractRobustConnection, worker: Settings
+) -> AsyncIterator[Requester]:
+    async with Requester(amqp, worker) as requester:
+        yield requester
