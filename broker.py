@@ -6,6 +6,7 @@ import uuid
 from faststream import AckPolicy, FastStream
 from faststream.rabbit import Channel, RabbitBroker, RabbitQueue
 from faststream.rabbit.annotations import RabbitMessage
+from yarl import URL
 
 from chatbus import topology
 from chatbus.contract import CancelRequest
@@ -20,8 +21,19 @@ async def keep_body_raw(message: RabbitMessage) -> bytes:
     return message.body
 
 
+def with_connection_name(url: str, name: str) -> str:
+    """Name the AMQP connection (aiormq reads `name` from the URL), so that operators and
+    the fault tests can tell this worker's connection apart; a name in the URL wins."""
+    parsed = URL(url)
+    return url if "name" in parsed.query else str(parsed.update_query(name=name))
+
+
 def create_app(settings: Settings) -> FastStream:
-    broker = RabbitBroker(settings.rabbitmq_url, graceful_timeout=settings.graceful_timeout)
+    broker = RabbitBroker(
+        with_connection_name(settings.rabbitmq_url, settings.connection_name),
+        graceful_timeout=settings.graceful_timeout,
+        reconnect_interval=settings.reconnect_interval,
+    )
     client = create_ollama_client(settings.ollama_host, settings)
     worker = ChatWorker(broker, client, settings)
 

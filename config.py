@@ -1,5 +1,8 @@
 """Service settings, from the environment and an optional `.env` file."""
 
+import os
+import socket
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -12,3 +15,10 @@ class Settings(WorkerOptions, BaseSettings):
     rabbitmq_url: str = Field(default="amqp://guest:guest@localhost:5672/")
     ollama_host: str = Field(default="http://localhost:11434")
     log_level: str = Field(default="INFO")
+    reconnect_interval: float = Field(
+        default=5.0, gt=0, description="Seconds between attempts to reconnect to RabbitMQ."
+    )
+    connection_name: str = Field(
+        default_factory=lambda: f"chatbus-worker@{socket.gethostname()}:{os.getpid()}",
+        description="The AMQP connection name this worker shows in RabbitMQ.",
+    )

@@ -3,9 +3,12 @@ README's contract alone (no chatbus client code), so the tests check the contrac
 
 import asyncio
 import json
+import os
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
@@ -17,6 +20,7 @@ from broker import create_app
 from config import Settings
 
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+REPO_ROOT = Path(__file__).parent.parent
 
 
 @asynccontextmanager
@@ -121,3 +125,106 @@ class Requester:
 def user(content: str = "Why is the sky blue?", **fields: Any) -> dict[str, Any]:
     """A request body with one user message."""
     return {"messages": [{"role": "user", "content": content}], **fields}
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that makes `Settings()` in another process equal to `settings`."""
+    env = {}
+    for name, value in settings.model_dump(mode="json").items():
+        env[name.upper()] = value if isinstance(value, str) else json.dumps(value)
+    return env
+
+
+class WorkerProcess:
+    """The worker as a real process, started the way production starts it, for tests that
+    kill it. Its output is kept for the failure report."""
+
+    STARTED = "FastStream app started successfully"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.output: list[str] = []
+        self._process: asyncio.subprocess.Process | None = None
+        self._drain: asyncio.Task[None] | None = None
+
+    async def start(self, timeout: float = 30.0) -> Self:
+        self._process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "faststream",
+            "run",
+            "main:app",
+            cwd=REPO_ROOT,
+            env=os.environ | settings_env(self.settings),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        started = asyncio.get_running_loop().create_future()
+        self._drain = asyncio.create_task(self._read_output(started))
+        try:
+            async with asyncio.timeout(timeout):
+                await started
+        except TimeoutError:
+            await self.kill()
+            raise AssertionError("worker did not start:\n" + "".join(self.output)) from None
+        return self
+
+    async def _read_output(self, started: asyncio.Future[None]) -> None:
+        assert self._process is not None
+        assert self._process.stdout is not None
+        async for line in self._process.stdout:
+            self.output.append(line.decode(errors="replace"))
+            if self.STARTED in self.output[-1] and not started.done():
+                started.set_result(None)
+        if not started.done():
+            started.set_exception(AssertionError("worker exited:\n" + "".join(self.output)))
+
+    async def signal(self, signum: int) -> None:
+        assert self._process is not None
+        self._process.send_signal(signum)
+
+    async def wait(self, timeout: float = 30.0) -> int:
+        assert self._process is not None
+        assert self._drain is not None
+        async with asyncio.timeout(timeout):
+            code = await self._process.wait()
+            await self._drain
+        return code
+
+    async def kill(self) -> None:
+        if self._process is not None and self._process.returncode is None:
+            self._process.kill()
+            await self.wait()
+
+
+async def queue_depths(connection: AbstractRobustConnection, settings: Settings) -> tuple[int, int]:
+    """Messages ready in the request queue and in the dead-letter queue."""
+    channel = await connection.channel()
+    try:
+        requests = await channel.declare_queue(settings.requests_queue, passive=True)
+        dead = await channel.declare_queue(settings.dead_letter_queue, passive=True)
+        assert requests.declaration_result.message_count is not None
+        assert dead.declaration_result.message_count is not None
+        return requests.declaration_result.message_count, dead.declaration_result.message_count
+    finally:
+        await channel.close()
+
+
+async def consumer_count(connection: AbstractRobustConnection, queue: str) -> int:
+    channel = await connection.channel()
+    try:
+        declared = await channel.declare_queue(queue, passive=True)
+        return declared.declaration_result.consumer_count or 0
+    finally:
+        await channel.close()
+
+
+async def dead_letters(connection: AbstractRobustConnection, settings: Settings) -> list[bytes]:
+    """The bodies in the dead-letter queue, which this takes out of it."""
+    channel = await connection.channel()
+    queue = await channel.declare_queue(settings.dead_letter_queue, passive=True)
+    bodies = []
+    while (message := await queue.get(no_ack=True, fail=False)) is not None:
+        bodies.append(message.body)
+    await channel.close()
+    return bodies

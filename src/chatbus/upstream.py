@@ -62,6 +62,13 @@ def classify_upstream_error(error: Exception, *, tokens_sent: bool) -> tuple[Cha
             ),
             False,
         )
+    if isinstance(error, httpx.ReadTimeout):
+        message = "Ollama sent nothing within the client's read timeout"
+        return ChatFailure(ErrorCode.TIMEOUT, message, retryable=True), False
+    if isinstance(error, ValueError):
+        # A line that is not JSON, or JSON that is not a chat response.
+        message = f"Ollama sent an unreadable response: {error}"
+        return ChatFailure(ErrorCode.UPSTREAM_ERROR, message, retryable=True), False
     if isinstance(error, httpx.TransportError | ConnectionError):
         if tokens_sent:
             message = f"Ollama connection lost mid-stream: {type(error).__name__}"

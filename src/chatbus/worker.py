@@ -126,15 +126,16 @@ class ReplyPublisher:
 
     async def _publish(self, reply: BaseModel) -> None:
         self._seq += 1
-        confirmation = await self._broker.publish(
-            reply.model_dump_json(exclude_none=True).encode(),
-            exchange=self._route.exchange,
-            routing_key=self._route.routing_key,
-            correlation_id=self._correlation_id,
-            content_type="application/json",
-            mandatory=self._route.detects_requester_gone,
-            timeout=self._publish_timeout,
-        )
+        # The timeout also covers waiting for a reconnecting channel, not just the confirm.
+        async with asyncio.timeout(self._publish_timeout):
+            confirmation = await self._broker.publish(
+                reply.model_dump_json(exclude_none=True).encode(),
+                exchange=self._route.exchange,
+                routing_key=self._route.routing_key,
+                correlation_id=self._correlation_id,
+                content_type="application/json",
+                mandatory=self._route.detects_requester_gone,
+            )
         if isinstance(confirmation, DeliveredMessage):
             raise RequesterGone(self._correlation_id)
 
@@ -254,6 +255,8 @@ class ChatWorker:
     ) -> None:
         model = request.model or self._options.default_model
         log["model"] = model
+        if self._options.log_content:
+            log["prompt"] = [m.content for m in request.messages]
         if self._recent_cancels.pop(correlation_id):
             await replies.done(cancelled(model))
             logger.info("request cancelled before it started", extra=log)
@@ -282,6 +285,8 @@ class ChatWorker:
         finally:
             del self._running[correlation_id]
         await replies.done(completion)
+        if self._options.log_content:
+            log["reply"] = completion.message.content
         logger.info("request done: %s", completion.done_reason, extra=log)
 
     def _parse(self, body: bytes, content_type: str | None) -> ChatRequest:
