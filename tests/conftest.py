@@ -73,14 +73,14 @@ async def fake_ollama() -> AsyncIterator[FakeOllama]:
 
 @pytest.fixture(scope="session")
 async def amqp(rabbitmq_url: str) -> AsyncIterator[aio_pika.abc.AbstractRobustConnection]:
-    connection = await aio_pika.connect_robust(rabbitmq_url)
+    connection = await aio_pika.connect_robust(rabbitmq_url, reconnect_interval=0.5)
     yield connection
     await connection.close()
 
 
 @pytest.fixture(scope="session")
 async def make_settings(
-    rabbitmq_url: str, fake_ollama: FakeOllama, amqp: aio_pika.abc.AbstractRobustConnection
+    rabbitmq_url: str, fake_ollama: FakeOllama
 ) -> AsyncIterator[Callable[..., Settings]]:
     """Settings for a worker with its own queue and exchange names, and timeouts short
     enough for tests. Everything they name is deleted at the end of the run."""
@@ -102,6 +102,7 @@ async def make_settings(
             "retry_initial_backoff": 0.05,
             "flush_window": 0.0,
             "graceful_timeout": 5.0,
+            "reconnect_interval": 0.5,
         }
         settings = Settings(**(values | overrides))
         created.append(settings)
@@ -109,13 +110,14 @@ async def make_settings(
 
     yield make
 
-    channel = await amqp.channel()
-    for settings in created:
-        for queue in (settings.requests_queue, settings.dead_letter_queue):
-            await channel.queue_delete(queue)
-        for exchange in (settings.replies_exchange, settings.cancel_exchange):
-            await channel.exchange_delete(exchange)
-    await channel.close()
+    # A connection of its own: the shared one may still be reconnecting after a fault test.
+    async with await aio_pika.connect(rabbitmq_url) as connection:
+        channel = await connection.channel()
+        for settings in created:
+            for queue in (settings.requests_queue, settings.dead_letter_queue):
+                await channel.queue_delete(queue)
+            for exchange in (settings.replies_exchange, settings.cancel_exchange):
+                await channel.exchange_delete(exchange)
 
 
 @pytest.fixture(scope="session")

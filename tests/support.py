@@ -210,13 +210,17 @@ async def queue_depths(connection: AbstractRobustConnection, settings: Settings)
         await channel.close()
 
 
-async def consumer_count(connection: AbstractRobustConnection, queue: str) -> int:
-    channel = await connection.channel()
+async def consumer_count(url: str, queue: str) -> int | None:
+    """The queue's consumers, or None while the broker does not answer. A connection of its
+    own, so that it works while the tests' shared connection is still reconnecting."""
     try:
+        connection = await aio_pika.connect(url, timeout=5)
+    except (OSError, aio_pika.exceptions.AMQPError):
+        return None
+    async with connection:
+        channel = await connection.channel()
         declared = await channel.declare_queue(queue, passive=True)
-        return declared.declaration_result.consumer_count or 0
-    finally:
-        await channel.close()
+        return declared.declaration_result.consumer_count
 
 
 async def dead_letters(connection: AbstractRobustConnection, settings: Settings) -> list[bytes]:

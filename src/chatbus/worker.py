@@ -13,6 +13,8 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 import ollama
@@ -71,21 +73,21 @@ class ReplyPublisher:
         correlation_id: str,
         attempt: int,
         *,
-        send_chunks: bool,
         publish_timeout: float,
     ) -> None:
         self._broker = broker
         self._route = route
         self._correlation_id = correlation_id
         self._attempt = attempt
-        self._send_chunks = send_chunks
+        self.send_chunks = True
+        """False for `stream: false` requests: the only reply is the terminal one."""
         self._publish_timeout = publish_timeout
         self._seq = 0
 
     async def chunk(
         self, content: str, thinking: str | None, tool_calls: list[ToolCall] | None
     ) -> None:
-        if not self._send_chunks:
+        if not self.send_chunks:
             return
         await self._publish(
             ChunkReply(
@@ -176,21 +178,29 @@ def request_deadline(message: IncomingMessage) -> float | None:
     counted from the message's timestamp (or from now when it has none)."""
     deadlines = []
     header = (message.headers or {}).get(DEADLINE_HEADER)
-    if isinstance(header, int | float) and not isinstance(header, bool):
-        deadlines.append(float(header))
-    elif isinstance(header, bytes | str):
-        try:
-            deadlines.append(float(header))
-        except ValueError:
-            raise ChatFailure(
-                ErrorCode.INVALID_REQUEST,
-                f"header {DEADLINE_HEADER} must be Unix epoch seconds, got {header!r}",
-                retryable=False,
-            ) from None
+    if header is not None:
+        deadlines.append(_epoch_seconds(header))
     if message.expiration is not None:
         sent_at = message.timestamp.timestamp() if message.timestamp else time.time()
         deadlines.append(sent_at + float(message.expiration))  # type: ignore[arg-type]
     return min(deadlines, default=None)
+
+
+def _epoch_seconds(header: object) -> float:
+    """An AMQP timestamp, an integer, a decimal or a numeric string. (A float header is
+    accepted but imprecise: common AMQP clients encode floats in 32 bits.)"""
+    if isinstance(header, datetime):
+        return header.timestamp()
+    if isinstance(header, int | float | Decimal) and not isinstance(header, bool):
+        return float(header)
+    if isinstance(header, bytes | str):
+        with contextlib.suppress(ValueError):
+            return float(header)
+    raise ChatFailure(
+        ErrorCode.INVALID_REQUEST,
+        f"header {DEADLINE_HEADER} must be Unix epoch seconds, got {header!r}",
+        retryable=False,
+    )
 
 
 class ChatWorker:
@@ -228,22 +238,45 @@ class ChatWorker:
             route = ReplyRoute(_DEFAULT_EXCHANGE, raw.reply_to)
         else:
             route = ReplyRoute(self._replies_exchange, correlation_id)
+        replies = ReplyPublisher(
+            self._broker,
+            route,
+            correlation_id,
+            attempt,
+            publish_timeout=self._options.publish_timeout,
+        )
+        try:
+            answered = await self._answer(raw, correlation_id, replies, log)
+        except Exception:
+            await self._fail_unexpectedly(message, replies, attempt, log)
+            return
+        if answered:
+            await message.ack()
+        else:
+            await message.reject(requeue=False)
+
+    async def _answer(
+        self,
+        raw: IncomingMessage,
+        correlation_id: str,
+        replies: ReplyPublisher,
+        log: dict[str, Any],
+    ) -> bool:
+        """Reply to a request; False when it is invalid and belongs in the dead-letter queue."""
         try:
             request = self._parse(raw.body, raw.content_type)
             deadline = request_deadline(raw)
         except ChatFailure as failure:
-            replies = self._publisher(route, correlation_id, attempt, send_chunks=False)
-            await self._answer_invalid(message, replies, failure, log)
-            return
-        replies = self._publisher(route, correlation_id, attempt, send_chunks=request.stream)
+            logger.warning("invalid request dead-lettered: %s", failure.message, extra=log)
+            with contextlib.suppress(RequesterGone):
+                await replies.error(failure)
+            return False
+        replies.send_chunks = request.stream
         try:
             await self._generate(request, deadline, correlation_id, replies, log)
         except RequesterGone:
             logger.info("requester gone: generation stopped", extra=log)
-        except Exception:
-            await self._fail_unexpectedly(message, replies, attempt, log)
-            return
-        await message.ack()
+        return True
 
     async def _generate(
         self,
@@ -324,36 +357,13 @@ class ChatWorker:
             raise _invalid(f"model {model!r} is not in allowed_models")
         return request
 
-    def _publisher(
-        self, route: ReplyRoute, correlation_id: str, attempt: int, *, send_chunks: bool
-    ) -> ReplyPublisher:
-        return ReplyPublisher(
-            self._broker,
-            route,
-            correlation_id,
-            attempt,
-            send_chunks=send_chunks,
-            publish_timeout=self._options.publish_timeout,
-        )
-
-    async def _answer_invalid(
-        self,
-        message: RabbitMessage,
-        replies: ReplyPublisher,
-        failure: ChatFailure,
-        log: dict[str, Any],
-    ) -> None:
-        logger.warning("invalid request dead-lettered: %s", failure.message, extra=log)
-        with contextlib.suppress(RequesterGone):
-            await replies.error(failure)
-        await message.reject(requeue=False)
-
     async def _fail_unexpectedly(
         self, message: RabbitMessage, replies: ReplyPublisher, attempt: int, log: dict[str, Any]
     ) -> None:
         """Requeue, so another attempt may succeed; the last allowed attempt answers
         `internal_error` and dead-letters the request instead."""
-        if attempt < self._options.delivery_limit:
+        # The queue dead-letters a request returned more than delivery_limit times.
+        if attempt <= self._options.delivery_limit:
             logger.exception("request failed unexpectedly: requeued", extra=log)
             await message.reject(requeue=True)
             return
