@@ -568,3 +568,30 @@ async def test_broker_restart_is_survived(
             replies = await requester.chat(user())
         assert replies[-1]["type"] == "done"
     await ended_acked(amqp, settings)
+
+
+async def test_two_requests_sharing_a_correlation_id_are_both_answered(
+    make_settings: MakeSettings, amqp: AbstractRobustConnection, fake_ollama: FakeOllama
+) -> None:
+    fast = model(fake_ollama, tokens=["a", "b"])
+    slow = model(fake_ollama, token_delay=0.05, tokens=["c"] * 10)
+    cid = uuid.uuid4().hex
+    async with worker_and_requester(make_settings, amqp) as requester:
+        replies = await requester.send(user(model=slow), correlation_id=cid)
+        channel = await amqp.channel()
+        await channel.default_exchange.publish(
+            aio_pika.Message(
+                json.dumps(user(model=fast)).encode(),
+                content_type="application/json",
+                correlation_id=cid,
+            ),
+            routing_key=requester.settings.requests_queue,
+        )
+        await channel.close()
+        terminals = []
+        while len(terminals) < 2:
+            reply = await replies.next()
+            if reply["type"] != "chunk":
+                terminals.append(reply)
+    assert [(t["type"], t["model"]) for t in terminals] == [("done", fast), ("done", slow)]
+    await ended_acked(amqp, requester.settings)

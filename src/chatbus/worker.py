@@ -316,7 +316,9 @@ class ChatWorker:
             logger.info("request failed: %s", failure, extra=log)
             return
         finally:
-            del self._running[correlation_id]
+            # Two requests may share a correlation id: forget only this one's generation.
+            if self._running.get(correlation_id) is generation:
+                del self._running[correlation_id]
         await replies.done(completion)
         if self._options.log_content:
             log["reply"] = completion.message.content
