@@ -593,5 +593,8 @@ async def test_two_requests_sharing_a_correlation_id_are_both_answered(
             reply = await replies.next()
             if reply["type"] != "chunk":
                 terminals.append(reply)
-    assert [(t["type"], t["model"]) for t in terminals] == [("done", fast), ("done", slow)]
+    assert [(t["type"], t["model"], t["attempt"]) for t in terminals] == [
+        ("done", fast, 1),
+        ("done", slow, 1),
+    ]
     await ended_acked(amqp, requester.settings)
