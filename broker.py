@@ -9,7 +9,8 @@ from faststream.rabbit.annotations import RabbitMessage
 from yarl import URL
 
 from chatbus import topology
-from chatbus.contract import CancelRequest
+from chatbus.catalog import list_models
+from chatbus.contract import CancelRequest, ErrorReply, ModelsReply
 from chatbus.upstream import create_ollama_client
 from chatbus.worker import ChatWorker
 from config import Settings
@@ -60,6 +61,12 @@ def create_app(settings: Settings) -> FastStream:
     )
     async def handle_cancel(cancel: CancelRequest) -> None:
         worker.cancel(cancel)
+
+    @broker.subscriber(
+        topology.models_queue(settings), decoder=keep_body_raw, title=settings.models_queue
+    )
+    async def handle_models_request(message: RabbitMessage) -> ModelsReply | ErrorReply:
+        return await list_models(client, message.correlation_id)
 
     app = FastStream(broker)
 

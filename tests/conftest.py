@@ -95,6 +95,7 @@ async def make_settings(
             "replies_exchange": f"{prefix}.chat.replies",
             "cancel_exchange": f"{prefix}.chat.cancel",
             "dead_letter_queue": f"{prefix}.chat.requests.dlq",
+            "models_queue": f"{prefix}.chat.models",
             "first_token_timeout": 3.0,
             "idle_timeout": 1.0,
             "total_timeout": 20.0,
@@ -114,7 +115,11 @@ async def make_settings(
     async with await aio_pika.connect(rabbitmq_url) as connection:
         channel = await connection.channel()
         for settings in created:
-            for queue in (settings.requests_queue, settings.dead_letter_queue):
+            for queue in (
+                settings.requests_queue,
+                settings.dead_letter_queue,
+                settings.models_queue,
+            ):
                 await channel.queue_delete(queue)
             for exchange in (settings.replies_exchange, settings.cancel_exchange):
                 await channel.exchange_delete(exchange)

@@ -5,6 +5,7 @@ Every reply carries `type`, `correlation_id`, `attempt` and `seq`; exactly one r
 attempt is terminal (`done` or `error`).
 """
 
+from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
@@ -14,6 +15,11 @@ REQUESTS_QUEUE = "chat.requests"
 REPLIES_EXCHANGE = "chat.replies"
 CANCEL_EXCHANGE = "chat.cancel"
 DEAD_LETTER_QUEUE = "chat.requests.dlq"
+MODELS_QUEUE = "chat.models"
+"""Request/reply: a message published here with `reply_to` is answered on that queue, with
+the request's correlation id, by a `ModelsReply` (or an `ErrorReply` when Ollama cannot be
+asked). The queue exists only while a worker is up, so a mandatory publish tells a
+requester at once that none is."""
 
 DEADLINE_HEADER = "x-deadline"
 """Request header: absolute deadline as Unix epoch seconds (int or float). An expired
@@ -180,3 +186,27 @@ class CancelRequest(BaseModel):
     """Published to the fanout exchange `chat.cancel` to stop a generation."""
 
     correlation_id: str = Field(min_length=1)
+
+
+class ModelInfo(BaseModel):
+    """One model Ollama has, as its `/api/tags` lists it."""
+
+    name: str = Field(description='Model name with its tag, e.g. "llama3.2:latest".')
+    size: int | None = Field(default=None, description="Size on disk in bytes.")
+    modified_at: datetime | None = None
+    family: str | None = None
+    parameter_size: str | None = Field(default=None, description='e.g. "3.2B".')
+    quantization_level: str | None = Field(default=None, description='e.g. "Q4_K_M".')
+
+
+class ModelsReply(BaseModel):
+    """The answer to a request on `chat.models`."""
+
+    type: Literal["models"] = "models"
+    correlation_id: str = Field(description="The request's correlation id.")
+    models: list[ModelInfo]
+
+
+models_reply_adapter: TypeAdapter[ModelsReply | ErrorReply] = TypeAdapter(
+    Annotated[ModelsReply | ErrorReply, Field(discriminator="type")]
+)

@@ -14,6 +14,7 @@ class WorkerOptions(BaseModel):
     replies_exchange: str = contract.REPLIES_EXCHANGE
     cancel_exchange: str = contract.CANCEL_EXCHANGE
     dead_letter_queue: str = contract.DEAD_LETTER_QUEUE
+    models_queue: str = contract.MODELS_QUEUE
 
     prefetch: int = Field(
         default=4, ge=1, description="Concurrent generations per worker (channel prefetch)."

@@ -35,3 +35,9 @@ def replies_exchange(options: WorkerOptions) -> RabbitExchange:
 def cancel_exchange(options: WorkerOptions) -> RabbitExchange:
     """Every worker binds its own exclusive queue, so each sees every cancel."""
     return RabbitExchange(options.cancel_exchange, type=ExchangeType.FANOUT, durable=True)
+
+
+def models_queue(options: WorkerOptions) -> RabbitQueue:
+    """Shared by the workers and deleted with the last of them, so that a requester's
+    mandatory publish comes back at once when no worker could answer it."""
+    return RabbitQueue(options.models_queue, durable=False, auto_delete=True)

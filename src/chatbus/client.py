@@ -1,0 +1,420 @@
+"""The requester side: a chat request over RabbitMQ in one call.
+
+`ChatClient` holds one robust connection and one exclusive reply queue. Each request in
+flight binds that queue to the replies exchange under its own correlation id, before it is
+published (or its first replies would be lost), and unbinds it after the terminal reply. A
+dispatcher hands every reply to the request it belongs to, so one client serves any number
+of concurrent requests.
+"""
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Literal, Self, TypedDict, Unpack
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+)
+from aiormq.abc import DeliveredMessage
+from aiormq.exceptions import ChannelInvalidStateError
+from faststream.rabbit import RabbitExchange
+from pydantic import BaseModel, ValidationError
+
+from chatbus import contract, topology
+from chatbus.contract import (
+    DEADLINE_HEADER,
+    CancelRequest,
+    ChatMessage,
+    ChatRequest,
+    ChunkReply,
+    DoneReply,
+    ErrorReply,
+    ModelInfo,
+    models_reply_adapter,
+    reply_adapter,
+)
+from chatbus.errors import (
+    DeadlineExceededError,
+    InvalidRequestError,
+    ServiceUnavailableError,
+    error_from_reply,
+)
+from chatbus.options import WorkerOptions
+
+logger = logging.getLogger("chatbus.client")
+
+DEFAULT_RABBITMQ_URL = "amqp://guest:guest@localhost:5672/"
+
+
+class Restarted(BaseModel):
+    """The request is being answered again from the start: the worker answering it stopped
+    mid-answer (it crashed or lost its connection) and the broker redelivered the request.
+    Discard every chunk received so far; the chunks that follow are the whole new answer."""
+
+    type: Literal["restarted"] = "restarted"
+    correlation_id: str
+    attempt: int
+
+
+ChatEvent = ChunkReply | DoneReply | Restarted
+"""What `ChatClient.stream` yields: chunks, then the `DoneReply`, with a `Restarted` in
+between when the request had to be answered again."""
+
+Messages = str | Sequence[ChatMessage | Mapping[str, Any]]
+"""The conversation: `ChatMessage`s or plain dicts, or the text of one user message."""
+
+
+class RequestFields(TypedDict, total=False):
+    """The request's fields besides `messages`, as the contract (and Ollama) names them;
+    None is the same as leaving a field out."""
+
+    model: str | None
+    options: Mapping[str, Any] | None
+    tools: Sequence[Mapping[str, Any]] | None
+    format: Literal["json"] | Mapping[str, Any] | None
+    think: bool | Literal["low", "medium", "high"] | None
+    keep_alive: str | float | None
+
+
+@dataclass
+class _Call:
+    """One request in flight."""
+
+    correlation_id: str
+    give_up_at: float | None
+    """When the caller's timeout passes, on the event loop's clock."""
+    replies: asyncio.Queue[AbstractIncomingMessage | None] = field(default_factory=asyncio.Queue)
+    """None when the connection the replies were coming on is gone."""
+
+    @contextlib.asynccontextmanager
+    async def within_timeout(self) -> AsyncIterator[None]:
+        try:
+            async with asyncio.timeout_at(self.give_up_at) as timeout:
+                yield
+        except TimeoutError:
+            if not timeout.expired():
+                raise
+            raise DeadlineExceededError(
+                "no answer before the request's timeout",
+                retryable=False,
+                correlation_id=self.correlation_id,
+            ) from None
+
+
+class ChatClient:
+    """Sends chat requests to the chatbus workers and reads their replies.
+
+    ```
+    async with ChatClient("amqp://guest:guest@localhost:5672/") as client:
+        done = await client.chat("Why is the sky blue?")
+    ```
+
+    The queue and exchange names default to the contract's. `timeout` is the default of every
+    call's own `timeout`: seconds until the request's deadline, which is also sent to the
+    worker (header `x-deadline`) so that it stops working on an answer nobody waits for.
+    """
+
+    def __init__(
+        self,
+        rabbitmq_url: str = DEFAULT_RABBITMQ_URL,
+        *,
+        requests_queue: str = contract.REQUESTS_QUEUE,
+        replies_exchange: str = contract.REPLIES_EXCHANGE,
+        cancel_exchange: str = contract.CANCEL_EXCHANGE,
+        models_queue: str = contract.MODELS_QUEUE,
+        timeout: float | None = None,
+        connection_name: str | None = None,
+        reconnect_interval: float = 1.0,
+    ) -> None:
+        self._url = rabbitmq_url
+        self._names = WorkerOptions(
+            requests_queue=requests_queue,
+            replies_exchange=replies_exchange,
+            cancel_exchange=cancel_exchange,
+            models_queue=models_queue,
+        )
+        self._timeout = timeout
+        self._connection_name = (
+            connection_name or f"chatbus-client@{socket.gethostname()}:{os.getpid()}"
+        )
+        self._reconnect_interval = reconnect_interval
+        self._pending: dict[str, _Call] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        self._closing = False
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        """Connect, declare the exchanges the requests need (as the worker does, so that
+        the client may start first) and start consuming the reply queue."""
+        connection: AbstractRobustConnection = await aio_pika.connect_robust(
+            self._url,
+            client_properties={"connection_name": self._connection_name},
+            reconnect_interval=self._reconnect_interval,
+        )
+        connection.close_callbacks.add(self._on_connection_closed)
+        channel = await connection.channel()
+        self._replies_exchange = await _declare(channel, topology.replies_exchange(self._names))
+        self._cancel_exchange = await _declare(channel, topology.cancel_exchange(self._names))
+        self._replies = await channel.declare_queue(
+            f"chatbus.client.{uuid.uuid4().hex}", exclusive=True, auto_delete=True
+        )
+        await self._replies.consume(self._on_reply, no_ack=True)
+        self._connection = connection
+        self._channel = channel
+
+    async def close(self) -> None:
+        """Cancel the requests still in flight and close the connection."""
+        self._closing = True
+        if self._connection.connected.is_set():
+            for correlation_id in list(self._pending):
+                await self._publish_cancel(correlation_id)
+        for task in self._background:
+            task.cancel()
+        await self._connection.close()
+
+    def stream(
+        self,
+        messages: Messages,
+        *,
+        timeout: float | None = None,
+        correlation_id: str | None = None,
+        **fields: Unpack[RequestFields],
+    ) -> AsyncGenerator[ChatEvent, None]:
+        """The answer as it is generated: `ChunkReply`s in order, then the `DoneReply`.
+
+        Duplicated replies are dropped. If the request is redelivered to another worker
+        mid-answer, a `Restarted` event comes first and the answer starts over: whoever shows
+        the chunks clears what they showed. A terminal `error` reply raises the matching
+        `ChatError`; so does the `timeout` passing (`DeadlineExceededError`).
+
+        Leaving the iteration early, or the task being cancelled, cancels the generation on
+        the worker. `break` does that as soon as the generator is garbage collected (at once
+        in CPython); `async with contextlib.aclosing(client.stream(...))` does it on leaving
+        the block.
+        """
+        request = _request(messages, stream=True, **fields)
+        return self._exchange(request, timeout, correlation_id)
+
+    async def chat(
+        self,
+        messages: Messages,
+        *,
+        timeout: float | None = None,
+        correlation_id: str | None = None,
+        **fields: Unpack[RequestFields],
+    ) -> DoneReply:
+        """The whole answer: `message` (`content`, `thinking`, `tool_calls`), `done_reason`,
+        `model`, `usage` and `timings`. Raises a `ChatError` as `stream` does; cancelling the
+        task cancels the generation."""
+        request = _request(messages, stream=False, **fields)
+        async with contextlib.aclosing(self._exchange(request, timeout, correlation_id)) as events:
+            async for event in events:
+                if isinstance(event, DoneReply):
+                    return event
+        raise AssertionError("a reply stream ends with its terminal reply or raises")
+
+    async def models(self, *, timeout: float = 30.0) -> list[ModelInfo]:
+        """The models Ollama has, as a worker sees them (a request on `chat.models`)."""
+        call = self._call(uuid.uuid4().hex, timeout)
+        try:
+            async with call.within_timeout():
+                await self._publish(
+                    b"{}",
+                    self._names.models_queue,
+                    call.correlation_id,
+                    reply_to=self._replies.name,
+                    # A request no worker took in time is dropped, not answered late.
+                    expiration=timeout,
+                )
+            message = await self._next(call)
+        finally:
+            del self._pending[call.correlation_id]
+        answer = models_reply_adapter.validate_json(message.body)
+        if isinstance(answer, ErrorReply):
+            raise error_from_reply(answer)
+        return answer.models
+
+    async def _exchange(
+        self, request: ChatRequest, timeout: float | None, correlation_id: str | None
+    ) -> AsyncGenerator[ChatEvent, None]:
+        timeout = self._timeout if timeout is None else timeout
+        call = self._call(correlation_id or uuid.uuid4().hex, timeout)
+        correlation_id = call.correlation_id
+        headers: dict[str, Any] = {}
+        if timeout is not None:
+            # A string: pamqp (under aio-pika) sends a float as 32 bits, a minute off by now.
+            headers[DEADLINE_HEADER] = f"{time.time() + timeout:.3f}"
+        ended = False
+        try:
+            async with call.within_timeout():
+                await self._replies.bind(self._replies_exchange, routing_key=correlation_id)
+                await self._publish(
+                    request.model_dump_json(exclude_none=True).encode(),
+                    self._names.requests_queue,
+                    correlation_id,
+                    headers=headers,
+                )
+            attempt, next_seq, shown = 0, 0, False
+            while True:
+                reply = _parse_reply(await self._next(call))
+                if reply is None or (reply.attempt, reply.seq) < (attempt, next_seq):
+                    continue  # unreadable, a duplicate, or from an attempt already superseded
+                if reply.attempt > attempt:
+                    if shown:
+                        yield Restarted(correlation_id=correlation_id, attempt=reply.attempt)
+                    attempt, shown = reply.attempt, False
+                next_seq = reply.seq + 1
+                if isinstance(reply, ErrorReply):
+                    ended = True
+                    raise error_from_reply(reply)
+                if isinstance(reply, DoneReply):
+                    ended = True
+                    yield reply
+                    return
+                shown = True
+                yield reply
+        finally:
+            del self._pending[correlation_id]
+            release = self._release(correlation_id, cancel=not ended)
+            if self._connection.connected.is_set():
+                # Shielded: a second cancel must not keep the worker from hearing of the first.
+                await asyncio.shield(release)
+            else:
+                # Done once the connection is back, which the caller need not wait for.
+                task = asyncio.create_task(release)
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+
+    def _call(self, correlation_id: str, timeout: float | None) -> _Call:
+        if correlation_id in self._pending:
+            raise ValueError(f"a request with correlation id {correlation_id!r} is in flight")
+        if timeout is not None and timeout <= 0:
+            raise DeadlineExceededError(
+                "the timeout had passed before the request was sent",
+                retryable=False,
+                correlation_id=correlation_id,
+            )
+        loop = asyncio.get_running_loop()
+        give_up_at = None if timeout is None else loop.time() + timeout
+        call = _Call(correlation_id, give_up_at)
+        self._pending[correlation_id] = call
+        return call
+
+    async def _publish(
+        self, body: bytes, queue: str, correlation_id: str, **properties: Any
+    ) -> None:
+        """Publish to a queue, mandatory: a queue that does not exist means no worker."""
+        confirmation = await self._channel.default_exchange.publish(
+            aio_pika.Message(
+                body,
+                content_type="application/json",
+                correlation_id=correlation_id,
+                **properties,
+            ),
+            routing_key=queue,
+            mandatory=True,
+        )
+        if isinstance(confirmation, DeliveredMessage):
+            raise ServiceUnavailableError(
+                f"no queue {queue!r}: no worker has declared it",
+                retryable=True,
+                correlation_id=correlation_id,
+            )
+
+    async def _next(self, call: _Call) -> AbstractIncomingMessage:
+        async with call.within_timeout():
+            message = await call.replies.get()
+        if message is None:
+            what = "the client was closed" if self._closing else "the connection was lost"
+            raise ServiceUnavailableError(
+                f"{what} while waiting for the answer",
+                retryable=True,
+                correlation_id=call.correlation_id,
+            )
+        return message
+
+    async def _release(self, correlation_id: str, *, cancel: bool) -> None:
+        """Stop listening for a request's replies, and cancel it unless it ended."""
+        if self._closing:
+            return  # close() cancels it, and the reply queue goes with the connection
+        try:
+            await self._channel.ready()  # after a lost connection: until it is back
+            if cancel:
+                await self._publish_cancel(correlation_id)
+            await self._replies.unbind(self._replies_exchange, routing_key=correlation_id)
+        except (aio_pika.exceptions.AMQPError, ConnectionError, ChannelInvalidStateError) as error:
+            logger.warning("could not release request %s: %r", correlation_id, error)
+
+    async def _publish_cancel(self, correlation_id: str) -> None:
+        await self._cancel_exchange.publish(
+            aio_pika.Message(
+                CancelRequest(correlation_id=correlation_id).model_dump_json().encode(),
+                content_type="application/json",
+                correlation_id=correlation_id,
+            ),
+            routing_key="",
+            mandatory=False,
+        )
+
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        # No await before the hand-over: deliveries run as tasks started in arrival order.
+        call = self._pending.get(message.correlation_id or "")
+        if call is None:
+            logger.debug("reply for no request in flight: %s", message.correlation_id)
+            return
+        call.replies.put_nowait(message)
+
+    def _on_connection_closed(self, _: object, error: BaseException | None) -> None:
+        # The exclusive reply queue, with any reply sent meanwhile, went with the
+        # connection: the requests waiting for replies would wait forever.
+        for call in self._pending.values():
+            call.replies.put_nowait(None)
+
+
+async def _declare(channel: AbstractRobustChannel, exchange: RabbitExchange) -> AbstractExchange:
+    return await channel.declare_exchange(
+        exchange.name,
+        exchange.type.value,
+        durable=exchange.durable,
+        auto_delete=exchange.auto_delete,
+        arguments=exchange.arguments,
+    )
+
+
+def _request(messages: Messages, *, stream: bool, **fields: Unpack[RequestFields]) -> ChatRequest:
+    if isinstance(messages, str):
+        messages = [ChatMessage(role="user", content=messages)]
+    try:
+        return ChatRequest.model_validate({"messages": list(messages), "stream": stream, **fields})
+    except ValidationError as error:
+        raise InvalidRequestError(str(error), retryable=False) from None
+
+
+def _parse_reply(message: AbstractIncomingMessage) -> ChunkReply | DoneReply | ErrorReply | None:
+    try:
+        return reply_adapter.validate_json(message.body)
+    except ValidationError as error:
+        logger.warning("unreadable reply for %s dropped: %s", message.correlation_id, error)
+        return None

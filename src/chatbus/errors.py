@@ -1,0 +1,101 @@
+"""What a chat request can fail with, as the requester sees it: one exception per error code
+of the contract, plus `ServiceUnavailableError` for a request that never reached a worker.
+
+```
+ChatError                      code, message, retryable, correlation_id
+├── InvalidRequestError        invalid_request
+├── ModelNotFoundError         model_not_found
+├── UpstreamUnavailableError   upstream_unavailable
+├── UpstreamError              upstream_error
+├── ChatTimeoutError           timeout
+├── DeadlineExceededError      deadline_exceeded (also the client's own timeout)
+├── InternalError              internal_error
+└── ServiceUnavailableError    service_unavailable (client side: no route, connection lost)
+```
+"""
+
+from typing import ClassVar
+
+from chatbus.contract import ErrorCode, ErrorReply
+
+
+class ChatError(Exception):
+    """A chat request ended in an error. `retryable` says whether sending the same request
+    again may succeed."""
+
+    code: ClassVar[str]
+
+    def __init__(self, message: str, *, retryable: bool, correlation_id: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retryable = retryable
+        self.correlation_id = correlation_id
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+class InvalidRequestError(ChatError):
+    """Malformed, against the schema, over a limit, or refused by Ollama (400)."""
+
+    code = ErrorCode.INVALID_REQUEST
+
+
+class ModelNotFoundError(ChatError):
+    code = ErrorCode.MODEL_NOT_FOUND
+
+
+class UpstreamUnavailableError(ChatError):
+    """Ollama was unreachable or busy before the first token, after the worker's retries."""
+
+    code = ErrorCode.UPSTREAM_UNAVAILABLE
+
+
+class UpstreamError(ChatError):
+    """Ollama failed, usually after the answer had started."""
+
+    code = ErrorCode.UPSTREAM_ERROR
+
+
+class ChatTimeoutError(ChatError):
+    """One of the worker's first-token, idle or total timeouts expired."""
+
+    code = ErrorCode.TIMEOUT
+
+
+class DeadlineExceededError(ChatError):
+    """The request's deadline (the call's `timeout`) passed, noticed by the worker or by
+    the client itself, whichever came first."""
+
+    code = ErrorCode.DEADLINE_EXCEEDED
+
+
+class InternalError(ChatError):
+    code = ErrorCode.INTERNAL_ERROR
+
+
+class ServiceUnavailableError(ChatError):
+    """The request reached no worker: nothing consumes the queue it was sent to, or the
+    connection to RabbitMQ was lost while it was waiting for its replies."""
+
+    code = "service_unavailable"
+
+
+_BY_CODE: dict[str, type[ChatError]] = {
+    error.code: error
+    for error in (
+        InvalidRequestError,
+        ModelNotFoundError,
+        UpstreamUnavailableError,
+        UpstreamError,
+        ChatTimeoutError,
+        DeadlineExceededError,
+        InternalError,
+    )
+}
+
+
+def error_from_reply(reply: ErrorReply) -> ChatError:
+    return _BY_CODE[reply.code](
+        reply.message, retryable=reply.retryable, correlation_id=reply.correlation_id
+    )
