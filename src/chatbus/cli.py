@@ -1,0 +1,325 @@
+"""`chatbus`: try the chat service from a terminal.
+
+It reads the settings the service reads (`RABBITMQ_URL`, and the queue and exchange names),
+from the environment or a `.env` file.
+"""
+
+import argparse
+import asyncio
+import contextlib
+import json
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from aio_pika.exceptions import AMQPConnectionError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from yarl import URL
+
+from chatbus import contract
+from chatbus.client import DEFAULT_RABBITMQ_URL, ChatClient, ChatEvent, RequestFields, Restarted
+from chatbus.contract import DoneReply, ModelInfo
+from chatbus.conversation import Conversation
+from chatbus.errors import ChatError
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+
+EPILOG = f"""\
+settings, from the environment or .env, as the service reads them:
+  RABBITMQ_URL       default {DEFAULT_RABBITMQ_URL}
+  REQUESTS_QUEUE, REPLIES_EXCHANGE, CANCEL_EXCHANGE, MODELS_QUEUE
+                     default: the contract's names
+exit codes:
+  0 done, {EXIT_ERROR} the request failed or RabbitMQ is unreachable, {EXIT_USAGE} bad arguments,
+  {EXIT_INTERRUPTED} interrupted (Ctrl-C cancels the generation)"""
+
+
+class ClientSettings(BaseSettings):
+    """The service's own setting names, so one `.env` serves both."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    rabbitmq_url: str = DEFAULT_RABBITMQ_URL
+    requests_queue: str = contract.REQUESTS_QUEUE
+    replies_exchange: str = contract.REPLIES_EXCHANGE
+    cancel_exchange: str = contract.CANCEL_EXCHANGE
+    models_queue: str = contract.MODELS_QUEUE
+
+    def client(self, timeout: float | None = None) -> ChatClient:
+        return ChatClient(
+            self.rabbitmq_url,
+            requests_queue=self.requests_queue,
+            replies_exchange=self.replies_exchange,
+            cancel_exchange=self.cancel_exchange,
+            models_queue=self.models_queue,
+            timeout=timeout,
+        )
+
+
+class CliError(Exception):
+    """Ends the command with a message and exit code 1."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    settings = ClientSettings()
+    try:
+        return int(args.command(args, settings))
+    except (ChatError, CliError) as error:
+        print(f"chatbus: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("\nchatbus: cancelled", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="chatbus",
+        description="Chat with the chatbus service over RabbitMQ.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(title="commands", required=True)
+
+    request = argparse.ArgumentParser(add_help=False)
+    request.add_argument("--model", help="Ollama model (default: the worker's DEFAULT_MODEL)")
+    request.add_argument("--system", help="system prompt")
+    request.add_argument(
+        "--option",
+        action="append",
+        type=_option,
+        default=[],
+        metavar="KEY=VALUE",
+        help="an Ollama option, e.g. temperature=0.2 (VALUE is read as JSON if it can be)",
+    )
+    request.add_argument(
+        "--think", action="store_const", const=True, help="let a thinking model think"
+    )
+    request.add_argument(
+        "--think-level", dest="think", choices=["low", "medium", "high"], help="think this hard"
+    )
+    request.add_argument("--timeout", type=float, help="seconds before giving up (a deadline)")
+    request.add_argument("--json", action="store_true", help="print the raw events as JSON lines")
+
+    ask = commands.add_parser(
+        "ask",
+        parents=[request],
+        help="ask one question and stream the answer",
+        description="Ask one question and stream the answer; a line of usage follows on stderr.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ask.add_argument("prompt", nargs="*", help="the question (default: read from stdin)")
+    ask.set_defaults(command=_ask)
+
+    chat = commands.add_parser(
+        "chat",
+        parents=[request],
+        help="an interactive conversation",
+        description="An interactive conversation. /reset forgets it, /model NAME switches "
+        "models, /exit (or Ctrl-D) leaves; Ctrl-C cancels the answer being written.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    chat.set_defaults(command=_chat)
+
+    models = commands.add_parser(
+        "models",
+        help="list the models Ollama has, as the worker sees them",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    models.add_argument("--json", action="store_true", help="print them as JSON")
+    models.set_defaults(command=_models)
+    return parser
+
+
+def _option(text: str) -> tuple[str, Any]:
+    key, separator, value = text.partition("=")
+    if not separator or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _fields(args: argparse.Namespace) -> RequestFields:
+    return RequestFields(model=args.model, options=dict(args.option) or None, think=args.think)
+
+
+def _ask(args: argparse.Namespace, settings: ClientSettings) -> int:
+    prompt = " ".join(args.prompt) or sys.stdin.read().strip()
+    if not prompt:
+        raise CliError("nothing to ask: give a question or pipe one in")
+    asyncio.run(_ask_async(args, settings, prompt))
+    return 0
+
+
+async def _ask_async(args: argparse.Namespace, settings: ClientSettings, prompt: str) -> None:
+    async with _connected(settings, args.timeout) as client:
+        conversation = Conversation(client, system=args.system, **_fields(args))
+        await Printer(json_lines=args.json).show(conversation.stream(prompt))
+
+
+def _chat(args: argparse.Namespace, settings: ClientSettings) -> int:
+    interactive = sys.stdin.isatty()
+    with asyncio.Runner() as runner:
+        client = runner.run(_connect(settings, args.timeout))
+        conversation = Conversation(client, system=args.system, **_fields(args))
+        try:
+            while (line := _read_line(interactive)) is not None:
+                if line.startswith("/"):
+                    if not _command(line, conversation):
+                        break
+                elif line.strip():
+                    runner.run(_turn(conversation, line, Printer(json_lines=args.json)))
+        finally:
+            runner.run(client.close())
+    return 0
+
+
+def _read_line(interactive: bool) -> str | None:
+    """The next line typed, or None at the end of the input."""
+    while True:
+        try:
+            return input(">>> " if interactive else "")
+        except EOFError:
+            return None
+        except KeyboardInterrupt:
+            print("\n(/exit or Ctrl-D leaves)", file=sys.stderr)
+
+
+def _command(line: str, conversation: Conversation) -> bool:
+    """Run a /command; False when it is time to leave."""
+    name, _, argument = line.strip().partition(" ")
+    if name in ("/exit", "/bye"):
+        return False
+    if name == "/reset":
+        conversation.reset()
+        print("(history cleared)", file=sys.stderr)
+    elif name == "/model":
+        conversation.model = argument.strip() or conversation.model
+        print(f"(model: {conversation.model or 'the worker default'})", file=sys.stderr)
+    else:
+        print("(commands: /reset, /model [NAME], /exit)", file=sys.stderr)
+    return True
+
+
+async def _turn(conversation: Conversation, line: str, printer: "Printer") -> None:
+    try:
+        await printer.show(conversation.stream(line))
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        assert task is not None
+        # Ctrl-C: the stream has cancelled this answer on the worker; the chat goes on.
+        task.uncancel()
+        print("\n(cancelled)", file=sys.stderr)
+    except ChatError as error:
+        print(f"chatbus: {error}", file=sys.stderr)
+
+
+def _models(args: argparse.Namespace, settings: ClientSettings) -> int:
+    models = asyncio.run(_list_models(settings))
+    if args.json:
+        print(json.dumps([model.model_dump(mode="json") for model in models], indent=2))
+    else:
+        print(_models_table(models))
+    return 0
+
+
+async def _list_models(settings: ClientSettings) -> list[ModelInfo]:
+    async with _connected(settings) as client:
+        return await client.models()
+
+
+def _models_table(models: list[ModelInfo]) -> str:
+    rows = [("NAME", "PARAMETERS", "QUANTIZATION", "SIZE", "MODIFIED")]
+    for model in models:
+        rows.append(
+            (
+                model.name,
+                model.parameter_size or "",
+                model.quantization_level or "",
+                f"{model.size / 1e9:.1f} GB" if model.size is not None else "",
+                f"{model.modified_at:%Y-%m-%d}" if model.modified_at else "",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
+@contextlib.asynccontextmanager
+async def _connected(
+    settings: ClientSettings, timeout: float | None = None
+) -> AsyncIterator[ChatClient]:
+    client = await _connect(settings, timeout)
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+async def _connect(settings: ClientSettings, timeout: float | None) -> ChatClient:
+    client = settings.client(timeout)
+    try:
+        await client.connect()
+    except (OSError, AMQPConnectionError) as error:
+        url = URL(settings.rabbitmq_url)
+        shown = url.with_password("******") if url.password else url
+        raise CliError(f"cannot connect to RabbitMQ at {shown}: {error}") from None
+    return client
+
+
+class Printer:
+    """Shows one answer: text on stdout as it comes, thinking and the usage line on stderr;
+    or, with `json_lines`, every event as a line of JSON on stdout."""
+
+    def __init__(self, *, json_lines: bool) -> None:
+        self._json = json_lines
+
+    async def show(self, events: AsyncIterator[ChatEvent]) -> None:
+        started = time.monotonic()
+        first_token_after: float | None = None
+        async for event in events:
+            if self._json:
+                print(event.model_dump_json(exclude_none=True), file=sys.stdout, flush=True)
+            if isinstance(event, DoneReply):
+                self._finish(event, first_token_after)
+            elif isinstance(event, Restarted):
+                if not self._json:
+                    print("\n(the worker restarted this answer)", file=sys.stderr, flush=True)
+            else:
+                if first_token_after is None:
+                    first_token_after = time.monotonic() - started
+                if not self._json:
+                    if event.thinking:
+                        print(event.thinking, end="", file=sys.stderr, flush=True)
+                    print(event.content, end="", file=sys.stdout, flush=True)
+
+    def _finish(self, done: DoneReply, first_token_after: float | None) -> None:
+        if not self._json:
+            print(file=sys.stdout, flush=True)
+        print(_usage(done, first_token_after), file=sys.stderr, flush=True)
+
+
+def _usage(done: DoneReply, first_token_after: float | None) -> str:
+    usage, timings = done.usage, done.timings
+    parts = [
+        done.model,
+        f"{usage.prompt_tokens} prompt + {usage.completion_tokens} completion tokens",
+    ]
+    if first_token_after is not None:
+        parts.append(f"first token after {first_token_after:.2f}s")
+    if timings.eval_duration:
+        parts.append(f"{usage.completion_tokens / (timings.eval_duration / 1e9):.1f} tokens/s")
+    if done.done_reason != "stop":
+        parts.append(f"ended: {done.done_reason}")
+    return " · ".join(parts)
