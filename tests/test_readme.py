@@ -1,21 +1,41 @@
 """The README's examples are the tested code."""
 
+import asyncio
 import re
+import shlex
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from chatbus.testing.fake_ollama import DEFAULT_TOKENS
 from config import Settings
-from tests.support import DIRECT_REPLY_TO
+from tests.support import DIRECT_REPLY_TO, WorkerProcess
 
 README = Path(__file__).parent.parent / "README.md"
 
 
-def readme_python_block(after: str) -> str:
+def readme_python_block(after: str, language: str = "python") -> str:
     text = README.read_text()
     start = text.index(after)
-    match = re.search(r"```python\n(.*?)```", text[start:], re.DOTALL)
-    assert match, f"no python block after {after!r}"
+    match = re.search(rf"```{language}\n(.*?)```", text[start:], re.DOTALL)
+    assert match, f"no {language} block after {after!r}"
     return match.group(1)
+
+
+def run_as_the_readme_says(code: str, settings: Settings) -> dict[str, Any]:
+    """Define what a README example defines, its `ChatClient` pointed at this run's broker
+    and names."""
+    default = 'ChatClient("amqp://guest:guest@localhost:5672/"'
+    assert default in code
+    names = ("requests_queue", "replies_exchange", "cancel_exchange", "models_queue")
+    ours = ", ".join(f"{name}={getattr(settings, name)!r}" for name in names)
+    code = code.replace(default, f"ChatClient({settings.rabbitmq_url!r}, {ours}")
+    namespace: dict[str, Any] = {}
+    exec(compile(code, str(README), "exec"), namespace)
+    return namespace
 
 
 async def test_raw_aio_pika_example_streams_the_answer(worker: Settings) -> None:
@@ -35,3 +55,40 @@ async def test_raw_aio_pika_example_streams_the_answer(worker: Settings) -> None
 
     assert answer.startswith("The sky")
     assert DIRECT_REPLY_TO not in answer
+
+
+async def test_client_library_example_runs(
+    worker: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    example = run_as_the_readme_says(readme_python_block("## The client library"), worker)
+
+    await example["main"]()
+
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == f"{''.join(DEFAULT_TOKENS)} {len(DEFAULT_TOKENS)} stop"
+    assert "llama3.2:latest" in printed[1]
+
+
+async def test_testing_kit_example_runs_against_the_fake_and_the_worker(
+    make_settings: Callable[..., Settings],
+) -> None:
+    section = "## Testing your service against it"
+    argv = shlex.split(readme_python_block(section, "sh"))
+    assert argv[:3] == ["python", "-m", "chatbus.testing.fake_ollama"]
+    argv[0] = sys.executable
+    argv[argv.index("--port") + 1] = "0"  # a free one
+    fake = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE)
+    try:
+        assert fake.stdout is not None
+        async with asyncio.timeout(10):
+            url = (await fake.stdout.readline()).decode().strip()
+        settings = make_settings(ollama_host=url)
+        worker = await WorkerProcess(settings).start()  # `faststream run main:app`
+        try:
+            example = run_as_the_readme_says(readme_python_block(section), settings)
+            await example["test_answers_and_failures"]()
+        finally:
+            await worker.kill()
+    finally:
+        fake.terminate()
+        await fake.wait()

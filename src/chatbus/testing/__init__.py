@@ -71,8 +71,10 @@ complete; detected at once, even during a delay, by watching the socket),
 ``wait_completed(n)`` or ``wait_idle()``; they raise ``TimeoutError``.
 
 Standalone: ``python -m chatbus.testing.fake_ollama --host 127.0.0.1 --port 11434
-[--tokens N] [--token-delay S] [--first-token-delay S] [--model NAME ...]``
-prints its URL and serves until SIGINT/SIGTERM.
+[--tokens N] [--token-delay S] [--first-token-delay S] [--model NAME ...]
+[--behaviour 'NAME={"error_after": 2}' ...]`` prints its URL and serves until
+SIGINT/SIGTERM; ``--behaviour`` adds a model with its own :class:`Behaviour` (its fields
+as JSON), so the fault modes work across processes too.
 """
 
 from __future__ import annotations

@@ -1154,7 +1154,26 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="NAME",
         help="model name to serve (repeatable; default llama3.2)",
     )
+    parser.add_argument(
+        "--behaviour",
+        action="append",
+        type=_named_behaviour,
+        default=[],
+        metavar="NAME=JSON",
+        help="one more model, with Behaviour fields as JSON, e.g. "
+        "'broken={\"error_after\": 2}' (repeatable)",
+    )
     return parser.parse_args(argv)
+
+
+def _named_behaviour(text: str) -> tuple[str, Behaviour]:
+    name, separator, fields = text.partition("=")
+    try:
+        if not separator or not name:
+            raise ValueError("expected NAME=JSON")
+        return name, Behaviour(**json.loads(fields))
+    except (ValueError, TypeError) as error:
+        raise argparse.ArgumentTypeError(f"{text!r}: {error}") from None
 
 
 def _tokens(n: int | None) -> list[str]:
@@ -1171,7 +1190,7 @@ async def _serve_forever(args: argparse.Namespace) -> None:
             first_token_delay=args.first_token_delay,
         )
         for name in (args.models or ["llama3.2"])
-    }
+    } | dict(args.behaviour)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
