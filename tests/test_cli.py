@@ -1,14 +1,14 @@
 """The `chatbus` command, run as a real process against the real worker."""
 
 import asyncio
+import contextlib
 import json
 import os
 import re
 import signal
-import socket
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,8 @@ from chatbus.testing import FakeOllama
 from chatbus.testing.fake_ollama import DEFAULT_TOKENS
 from config import Settings
 from tests.support import settings_env
-from tests.test_client import model, observing
+from tests.test_client import how_it_ended, model, observing
+from tests.test_faults import free_port
 
 CHATBUS = str(Path(sys.executable).with_name("chatbus"))
 ANSWER = "".join(DEFAULT_TOKENS)
@@ -54,6 +55,17 @@ class Cli:
         assert stream is not None
         async with asyncio.timeout(10):
             return (await stream.readline()).decode()
+
+    @contextlib.asynccontextmanager
+    async def interrupted_mid_answer(
+        self, amqp: AbstractRobustConnection, worker: Settings
+    ) -> AsyncIterator[None]:
+        """Ctrl-C once the answer (in --json) has started; the worker must end it cancelled."""
+        first = json.loads(await self.line(self.process.stdout))
+        async with observing(amqp, worker.replies_exchange, first["correlation_id"]) as replies:
+            self.process.send_signal(signal.SIGINT)
+            yield
+            assert (await how_it_ended(replies))["done_reason"] == "cancelled"
 
     async def write(self, text: str) -> None:
         assert self.process.stdin is not None
@@ -134,13 +146,6 @@ async def test_models_lists_the_workers_models(run: Callable[..., Any]) -> None:
     assert "llama3.2:latest" in [m["name"] for m in json.loads(out)]
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 async def test_failures_exit_non_zero_with_a_clear_message(
     run: Callable[..., Any], fake_ollama: FakeOllama
 ) -> None:
@@ -153,7 +158,7 @@ async def test_failures_exit_non_zero_with_a_clear_message(
     assert code == 1
     assert err.startswith("chatbus: deadline_exceeded:")
 
-    url = f"amqp://guest:secret@127.0.0.1:{closed_port()}/"
+    url = f"amqp://guest:secret@127.0.0.1:{free_port()}/"
     code, _, err = await run("ask", "hi", RABBITMQ_URL=url)
     assert code == 1
     assert "chatbus: cannot connect to RabbitMQ at amqp://guest:******@127.0.0.1" in err
@@ -175,12 +180,9 @@ async def test_ctrl_c_cancels_the_generation(
 ) -> None:
     slow = model(fake_ollama, tokens=["x"] * 200, token_delay=0.05)
     cli = await Cli.start(worker, tmp_path, "ask", "--json", "--model", slow, "hi")
-    first = json.loads(await cli.line(cli.process.stdout))
-    async with observing(amqp, worker.replies_exchange, first["correlation_id"]) as replies:
-        cli.process.send_signal(signal.SIGINT)
+    async with cli.interrupted_mid_answer(amqp, worker):
         code, _, err = await cli.finish()
 
-        assert (await replies.terminal())["done_reason"] == "cancelled"
     assert code == 130
     assert err.strip() == "chatbus: cancelled"
 
@@ -215,13 +217,9 @@ async def test_ctrl_c_in_chat_cancels_the_answer_and_the_chat_goes_on(
     slow = model(fake_ollama, tokens=["x"] * 200, token_delay=0.05)
     cli = await Cli.start(worker, tmp_path, "chat", "--json", "--model", slow)
     await cli.write("hi\n")
-    first = json.loads(await cli.line(cli.process.stdout))
-    async with observing(amqp, worker.replies_exchange, first["correlation_id"]) as replies:
-        cli.process.send_signal(signal.SIGINT)
-
+    async with cli.interrupted_mid_answer(amqp, worker):
         while (await cli.line(cli.process.stderr)).strip() != "(cancelled)":
             pass
-        assert (await replies.terminal())["done_reason"] == "cancelled"
     code, out, err = await cli.finish("/model llama3.2\nhi again\n")
 
     assert code == 0, err

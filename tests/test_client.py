@@ -4,7 +4,6 @@ replies a real worker only sends under faults, the worker's side played by the t
 import asyncio
 import contextlib
 import json
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -14,6 +13,7 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
+from chatbus.cli import ClientSettings
 from chatbus.client import ChatClient, ChatEvent, Restarted
 from chatbus.contract import DEADLINE_HEADER, ChatRequest, ChunkReply, DoneReply, ErrorCode
 from chatbus.conversation import Conversation
@@ -30,22 +30,15 @@ from chatbus.errors import (
 from chatbus.testing import Behaviour, FakeOllama
 from chatbus.testing.fake_ollama import DEFAULT_THINKING, DEFAULT_TOKENS
 from config import Settings
-from tests.support import WorkerProcess, running_worker
-from tests.test_faults import close_connection_named, needs_rabbitmqctl
+from tests.support import Replies, WorkerProcess, running_worker
+from tests.test_faults import close_connection_named, free_port, needs_rabbitmqctl
 
 MakeSettings = Callable[..., Settings]
 ANSWER = "".join(DEFAULT_TOKENS)
 
 
 def client_for(settings: Settings, **options: Any) -> ChatClient:
-    return ChatClient(
-        settings.rabbitmq_url,
-        requests_queue=settings.requests_queue,
-        replies_exchange=settings.replies_exchange,
-        cancel_exchange=settings.cancel_exchange,
-        models_queue=settings.models_queue,
-        **options,
-    )
+    return ClientSettings(**settings.model_dump()).client(**options)
 
 
 def model(fake: FakeOllama, **behaviour: Any) -> str:
@@ -61,37 +54,13 @@ async def client(worker: Settings) -> AsyncIterator[ChatClient]:
         yield client
 
 
-class Observer:
-    """Messages on an exchange as a bystander sees them: the worker's replies for one
-    correlation id, or every cancel."""
-
-    def __init__(self) -> None:
-        self._messages: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
-
-    async def deliver(self, message: AbstractIncomingMessage) -> None:
-        await self._messages.put(message)
-
-    async def next(self, timeout: float = 10.0) -> dict[str, Any]:
-        async with asyncio.timeout(timeout):
-            message = await self._messages.get()
-        body: dict[str, Any] = json.loads(message.body)
-        return body
-
-    async def terminal(self) -> dict[str, Any]:
-        while (reply := await self.next())["type"] == "chunk":
-            pass
-        return reply
-
-    async def cancel_of(self, correlation_id: str) -> None:
-        while (await self.next())["correlation_id"] != correlation_id:
-            pass
-
-
 @contextlib.asynccontextmanager
 async def observing(
     amqp: AbstractRobustConnection, exchange: str, routing_key: str = ""
-) -> AsyncIterator[Observer]:
-    observer = Observer()
+) -> AsyncIterator[Replies]:
+    """Messages on an exchange as a bystander sees them: the worker's replies for one
+    correlation id, or every cancel."""
+    observer = Replies()
     channel = await amqp.channel()
     queue = await channel.declare_queue(exclusive=True, auto_delete=True)
     await queue.bind(exchange, routing_key=routing_key)
@@ -164,6 +133,11 @@ def done(seq: int, content: str, attempt: int = 1) -> dict[str, Any]:
         "usage": {"prompt_tokens": 1, "completion_tokens": 1},
         "timings": {},
     }
+
+
+async def how_it_ended(replies: Replies) -> dict[str, Any]:
+    """The worker's terminal reply, as a bystander bound to its correlation id saw it."""
+    return (await replies.until_terminal())[-1]
 
 
 async def collect(stream: AsyncIterator[ChatEvent], events: list[ChatEvent]) -> None:
@@ -361,14 +335,23 @@ async def test_the_request_on_the_wire_follows_the_contract(
     )
 
 
-async def test_duplicates_are_dropped_and_a_new_attempt_restarts_the_stream(
-    played: tuple[PlayedWorker, ChatClient],
-) -> None:
+async def stream_of(
+    played: tuple[PlayedWorker, ChatClient], replies: list[dict[str, Any]]
+) -> list[ChatEvent]:
+    """What `stream()` yields when the played worker sends these replies."""
     worker, client = played
     stream = client.stream("hi")
     first = asyncio.create_task(anext(stream))
     request = await worker.next_request()
-    for reply in (
+    for reply in replies:
+        await worker.reply(request, **reply)
+    return [await first] + [event async for event in stream]
+
+
+async def test_duplicates_are_dropped_and_a_new_attempt_restarts_the_stream(
+    played: tuple[PlayedWorker, ChatClient],
+) -> None:
+    replies = [
         chunk(0, "a"),
         chunk(1, "b"),
         chunk(1, "b"),  # a duplicate
@@ -377,10 +360,9 @@ async def test_duplicates_are_dropped_and_a_new_attempt_restarts_the_stream(
         chunk(1, "y", attempt=2),
         chunk(1, "y", attempt=2),
         done(2, "xy", attempt=2),
-    ):
-        await worker.reply(request, **reply)
+    ]
 
-    events = [await first] + [event async for event in stream]
+    events = await stream_of(played, replies)
 
     assert [(type(e).__name__, e.attempt, getattr(e, "content", None)) for e in events] == [
         ("ChunkReply", 1, "a"),
@@ -395,14 +377,7 @@ async def test_duplicates_are_dropped_and_a_new_attempt_restarts_the_stream(
 async def test_a_later_attempt_with_nothing_shown_before_needs_no_restart(
     played: tuple[PlayedWorker, ChatClient],
 ) -> None:
-    worker, client = played
-    stream = client.stream("hi")
-    first = asyncio.create_task(anext(stream))
-    request = await worker.next_request()
-    await worker.reply(request, **chunk(0, "x", attempt=2))
-    await worker.reply(request, **done(1, "x", attempt=2))
-
-    events = [await first] + [event async for event in stream]
+    events = await stream_of(played, [chunk(0, "x", attempt=2), done(1, "x", attempt=2)])
 
     assert [type(event) for event in events] == [ChunkReply, DoneReply]
 
@@ -448,7 +423,7 @@ async def test_breaking_out_of_the_stream_cancels_the_generation(
         async for _ in client.stream("hi", model=name, correlation_id=correlation_id):
             break
 
-        assert (await replies.terminal())["done_reason"] == "cancelled"
+        assert (await how_it_ended(replies))["done_reason"] == "cancelled"
     await fake_ollama.wait_for(lambda: fake_ollama.aborted_streams > aborted)
 
 
@@ -467,7 +442,7 @@ async def test_cancelling_the_task_cancels_the_generation(
         with pytest.raises(asyncio.CancelledError):
             await answer
 
-        assert (await replies.terminal())["done_reason"] == "cancelled"
+        assert (await how_it_ended(replies))["done_reason"] == "cancelled"
 
 
 async def test_the_timeout_is_a_deadline_the_worker_stops_at(
@@ -484,7 +459,7 @@ async def test_the_timeout_is_a_deadline_the_worker_stops_at(
             await client.chat("hi", model=name, timeout=0.5, correlation_id=correlation_id)
 
         # The worker notices the deadline, or the client's cancel reaches it first.
-        terminal = await replies.terminal()
+        terminal = await how_it_ended(replies)
     assert terminal.get("code") == "deadline_exceeded" or terminal["done_reason"] == "cancelled"
     assert raised.value.retryable is False
     await fake_ollama.wait_for(lambda: fake_ollama.aborted_streams > aborted)
@@ -503,7 +478,8 @@ async def test_a_client_timeout_publishes_a_cancel(
         correlation_id = raised.value.correlation_id
         assert correlation_id is not None
         assert request.correlation_id == correlation_id
-        await cancels.cancel_of(correlation_id)
+        while (await cancels.next())["correlation_id"] != correlation_id:
+            pass
 
 
 async def test_a_timeout_already_passed_is_not_sent(
@@ -534,7 +510,7 @@ async def test_a_lost_connection_fails_the_waiting_requests_and_the_client_recov
         with pytest.raises(ServiceUnavailableError, match="connection was lost"):
             await waiting
         # Once reconnected, the client cancels what it gave up on, and serves again.
-        assert (await replies.terminal())["done_reason"] == "cancelled"
+        assert (await how_it_ended(replies))["done_reason"] == "cancelled"
         assert (await client.chat("hi", timeout=30)).message.content == ANSWER
 
 
@@ -561,13 +537,10 @@ async def test_models_without_a_worker_is_service_unavailable(
 async def test_models_with_ollama_down_is_upstream_unavailable(
     make_settings: MakeSettings,
 ) -> None:
-    with socket.socket() as closed:
-        closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
-        host, port = closed.getsockname()
-        settings = make_settings(ollama_host=f"http://{host}:{port}")
-        async with running_worker(settings), client_for(settings) as client:
-            with pytest.raises(UpstreamUnavailableError):
-                await client.models()
+    settings = make_settings(ollama_host=f"http://127.0.0.1:{free_port()}")
+    async with running_worker(settings), client_for(settings) as client:
+        with pytest.raises(UpstreamUnavailableError):
+            await client.models()
 
 
 # --- conversations ---------------------------------------------------------------------------

@@ -48,14 +48,15 @@ class ClientSettings(BaseSettings):
     cancel_exchange: str = contract.CANCEL_EXCHANGE
     models_queue: str = contract.MODELS_QUEUE
 
-    def client(self, timeout: float | None = None) -> ChatClient:
+    def client(self, **options: Any) -> ChatClient:
+        """A client for these settings; `options` are ChatClient's others (timeout, ...)."""
         return ChatClient(
             self.rabbitmq_url,
             requests_queue=self.requests_queue,
             replies_exchange=self.replies_exchange,
             cancel_exchange=self.cancel_exchange,
             models_queue=self.models_queue,
-            timeout=timeout,
+            **options,
         )
 
 
@@ -268,7 +269,7 @@ async def _connected(
 
 
 async def _connect(settings: ClientSettings, timeout: float | None) -> ChatClient:
-    client = settings.client(timeout)
+    client = settings.client(timeout=timeout)
     try:
         await client.connect()
     except (OSError, AMQPConnectionError) as error:
