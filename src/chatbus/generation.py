@@ -22,6 +22,7 @@ from chatbus.contract import (
     ToolCall,
     Usage,
 )
+from chatbus.instruments import NO_INSTRUMENTS, Instruments
 from chatbus.options import WorkerOptions
 from chatbus.upstream import ChatFailure, classify_upstream_error
 
@@ -126,6 +127,7 @@ class Generation:
         model: str,
         options: WorkerOptions,
         deadline: float | None = None,
+        instruments: Instruments = NO_INSTRUMENTS,
     ) -> None:
         """`deadline` is the requester's, on the event loop's clock."""
         self._client = client
@@ -133,7 +135,16 @@ class Generation:
         self._model = model
         self._options = options
         self._deadline = deadline
+        self._instruments = instruments
         self._inbox: asyncio.Queue[Any] = asyncio.Queue()
+        self._started = 0.0
+        self._first_token_after: float | None = None
+
+    def log_timings(self) -> dict[str, int]:
+        """The timings for the request's log line, in milliseconds."""
+        if self._first_token_after is None:
+            return {}
+        return {"first_token_ms": round(self._first_token_after * 1000)}
 
     def cancel(self) -> None:
         self._inbox.put_nowait(_Cancel())
@@ -142,7 +153,7 @@ class Generation:
         """Stream the answer into `sink`; return the completion or raise `ChatFailure`."""
         loop = asyncio.get_running_loop()
         options = self._options
-        started = loop.time()
+        started = self._started = loop.time()
         stop_at = started + options.total_timeout
         if self._deadline is not None and self._deadline < stop_at:
             stop_at, stop_failure = (
@@ -167,6 +178,7 @@ class Generation:
                 delay = min(backoff, options.retry_max_backoff) * random.uniform(0.5, 1.0)
                 if loop.time() + delay > retry_until:
                     raise retry.failure from None
+                self._instruments.retry()
                 backoff *= 2
             finally:
                 reader.cancel()
@@ -179,13 +191,15 @@ class Generation:
 
     async def _read(self) -> None:
         try:
-            stream: AsyncIterator[ollama.ChatResponse] = await self._client.chat(
-                **ollama_arguments(self._request, self._model, self._options.max_num_predict),
-                stream=True,
-            )
-            async with contextlib.aclosing(stream) as parts:  # type: ignore[type-var]
-                async for part in parts:
-                    self._inbox.put_nowait(part)
+            with self._instruments.ollama_call(self._model) as call:
+                stream: AsyncIterator[ollama.ChatResponse] = await self._client.chat(
+                    **ollama_arguments(self._request, self._model, self._options.max_num_predict),
+                    stream=True,
+                )
+                async with contextlib.aclosing(stream) as parts:  # type: ignore[type-var]
+                    async for part in parts:
+                        call.answered()
+                        self._inbox.put_nowait(part)
             self._inbox.put_nowait(_StreamEnd())
         except Exception as error:  # handed to the generation loop, which decides
             self._inbox.put_nowait(error)
@@ -224,6 +238,9 @@ class Generation:
             if isinstance(item, ollama.ChatResponse):
                 parts_received += 1
                 last_part_at = loop.time()
+                if parts_received == 1:
+                    self._first_token_after = last_part_at - self._started
+                    self._instruments.first_token(self._model, self._first_token_after)
                 answer.add(item.message)
                 if item.done:
                     if answer.has_unsent():

@@ -15,7 +15,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
 
 import ollama
 from aio_pika import IncomingMessage
@@ -36,6 +35,7 @@ from chatbus.contract import (
     ToolCall,
 )
 from chatbus.generation import Completion, Generation, cancelled
+from chatbus.instruments import NO_INSTRUMENTS, Instruments, RequestLog
 from chatbus.options import WorkerOptions
 from chatbus.upstream import ChatFailure
 
@@ -74,8 +74,10 @@ class ReplyPublisher:
         attempt: int,
         *,
         publish_timeout: float,
+        instruments: Instruments,
     ) -> None:
         self._broker = broker
+        self._instruments = instruments
         self._route = route
         self._correlation_id = correlation_id
         self._attempt = attempt
@@ -140,6 +142,8 @@ class ReplyPublisher:
             )
         if isinstance(confirmation, DeliveredMessage):
             raise RequesterGone(self._correlation_id)
+        if isinstance(reply, DoneReply | ErrorReply):
+            self._instruments.terminal_reply(reply)
 
 
 class RecentCancels:
@@ -205,11 +209,16 @@ def _epoch_seconds(header: object) -> float:
 
 class ChatWorker:
     def __init__(
-        self, broker: RabbitBroker, client: ollama.AsyncClient, options: WorkerOptions
+        self,
+        broker: RabbitBroker,
+        client: ollama.AsyncClient,
+        options: WorkerOptions,
+        instruments: Instruments = NO_INSTRUMENTS,
     ) -> None:
         self._broker = broker
         self._client = client
         self._options = options
+        self._instruments = instruments
         self._replies_exchange = topology.replies_exchange(options)
         self._running: dict[str, Generation] = {}
         self._recent_cancels = RecentCancels(options.cancel_memory_seconds)
@@ -229,9 +238,12 @@ class ChatWorker:
         raw = message.raw_message
         correlation_id = raw.correlation_id or raw.message_id
         attempt = delivery_attempt(raw)
-        log: dict[str, Any] = {"correlation_id": correlation_id, "attempt": attempt}
+        log = RequestLog(correlation_id, attempt)
         if not correlation_id:
-            logger.warning("request without correlation_id or message_id: dead-lettered", extra=log)
+            logger.warning(
+                "request without correlation_id or message_id: dead-lettered",
+                extra=log.ended("dead_lettered"),
+            )
             await message.reject(requeue=False)
             return
         if raw.reply_to:
@@ -244,6 +256,7 @@ class ChatWorker:
             correlation_id,
             attempt,
             publish_timeout=self._options.publish_timeout,
+            instruments=self._instruments,
         )
         try:
             answered = await self._answer(raw, correlation_id, replies, log)
@@ -260,14 +273,16 @@ class ChatWorker:
         raw: IncomingMessage,
         correlation_id: str,
         replies: ReplyPublisher,
-        log: dict[str, Any],
+        log: RequestLog,
     ) -> bool:
         """Reply to a request; False when it is invalid and belongs in the dead-letter queue."""
         try:
             request = self._parse(raw.body, raw.content_type)
             deadline = request_deadline(raw)
         except ChatFailure as failure:
-            logger.warning("invalid request dead-lettered: %s", failure.message, extra=log)
+            logger.warning(
+                "invalid request dead-lettered: %s", failure.message, extra=log.ended(failure.code)
+            )
             with contextlib.suppress(RequesterGone):
                 await replies.error(failure)
             return False
@@ -275,7 +290,7 @@ class ChatWorker:
         try:
             await self._generate(request, deadline, correlation_id, replies, log)
         except RequesterGone:
-            logger.info("requester gone: generation stopped", extra=log)
+            logger.info("requester gone: generation stopped", extra=log.ended("requester_gone"))
         return True
 
     async def _generate(
@@ -284,7 +299,7 @@ class ChatWorker:
         deadline: float | None,
         correlation_id: str,
         replies: ReplyPublisher,
-        log: dict[str, Any],
+        log: RequestLog,
     ) -> None:
         model = request.model or self._options.default_model
         log["model"] = model
@@ -292,7 +307,7 @@ class ChatWorker:
             log["prompt"] = [m.content for m in request.messages]
         if self._recent_cancels.pop(correlation_id):
             await replies.done(cancelled(model))
-            logger.info("request cancelled before it started", extra=log)
+            logger.info("request cancelled before it started", extra=log.ended("cancelled"))
             return
         loop_deadline = None
         if deadline is not None:
@@ -304,16 +319,19 @@ class ChatWorker:
                     retryable=False,
                 )
                 await replies.error(failure)
-                logger.info("request expired before it started", extra=log)
+                logger.info("request expired before it started", extra=log.ended(failure.code))
                 return
             loop_deadline = asyncio.get_running_loop().time() + remaining
-        generation = Generation(self._client, request, model, self._options, loop_deadline)
+        generation = Generation(
+            self._client, request, model, self._options, loop_deadline, self._instruments
+        )
         self._running[correlation_id] = generation
         try:
             completion = await generation.run(replies)
         except ChatFailure as failure:
             await replies.error(failure)
-            logger.info("request failed: %s", failure, extra=log)
+            log.update(generation.log_timings())
+            logger.info("request failed: %s", failure, extra=log.ended(failure.code))
             return
         finally:
             # Two requests may share a correlation id: forget only this one's generation.
@@ -322,7 +340,10 @@ class ChatWorker:
         await replies.done(completion)
         if self._options.log_content:
             log["reply"] = completion.message.content
-        logger.info("request done: %s", completion.done_reason, extra=log)
+        log.update(generation.log_timings())
+        logger.info(
+            "request done: %s", completion.done_reason, extra=log.ended(completion.done_reason)
+        )
 
     def _parse(self, body: bytes, content_type: str | None) -> ChatRequest:
         options = self._options
@@ -360,17 +381,18 @@ class ChatWorker:
         return request
 
     async def _fail_unexpectedly(
-        self, message: RabbitMessage, replies: ReplyPublisher, attempt: int, log: dict[str, Any]
+        self, message: RabbitMessage, replies: ReplyPublisher, attempt: int, log: RequestLog
     ) -> None:
         """Requeue, so another attempt may succeed; the last allowed attempt answers
         `internal_error` and dead-letters the request instead."""
         # The queue dead-letters a request returned more than delivery_limit times.
         if attempt <= self._options.delivery_limit:
-            logger.exception("request failed unexpectedly: requeued", extra=log)
+            logger.exception("request failed unexpectedly: requeued", extra=log.ended("requeued"))
             await message.reject(requeue=True)
             return
         logger.exception(
-            "request failed unexpectedly on its last attempt: dead-lettered", extra=log
+            "request failed unexpectedly on its last attempt: dead-lettered",
+            extra=log.ended(ErrorCode.INTERNAL_ERROR),
         )
         failure = ChatFailure(
             ErrorCode.INTERNAL_ERROR,
