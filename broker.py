@@ -1,16 +1,32 @@
-"""Wires the worker to RabbitMQ: the subscribers, and what the worker declares at start-up."""
+"""Wires the worker to RabbitMQ (the subscribers, and what the worker declares at start-up)
+and to its HTTP side channel: health, readiness, metrics, the AsyncAPI page."""
 
+import logging
+import signal
 import socket
 import uuid
+from typing import Any
 
-from faststream import AckPolicy, FastStream
+from faststream import AckPolicy
+from faststream.asgi import AsgiFastStream, AsyncAPIRoute
 from faststream.rabbit import Channel, RabbitBroker, RabbitQueue
 from faststream.rabbit.annotations import RabbitMessage
+from opentelemetry import trace
+from prometheus_client import make_asgi_app
 from yarl import URL
 
 from chatbus import topology
+from chatbus.asyncapi import ContractAsyncAPI
 from chatbus.catalog import list_models
 from chatbus.contract import CancelRequest, ErrorReply, ModelsReply
+from chatbus.health import Readiness, liveness_endpoint, readiness_endpoint
+from chatbus.observability import (
+    ServiceInstruments,
+    metrics_registry,
+    otlp_tracer_provider,
+    prometheus_middleware,
+    telemetry_middleware,
+)
 from chatbus.upstream import create_ollama_client
 from chatbus.worker import ChatWorker
 from config import Settings
@@ -29,14 +45,67 @@ def with_connection_name(url: str, name: str) -> str:
     return url if "name" in parsed.query else str(parsed.update_query(name=name))
 
 
-def create_app(settings: Settings) -> FastStream:
+class WorkerApp(AsgiFastStream):
+    """`faststream run` serves the HTTP side channel where the settings say (its own
+    `--host`/`--port` still win), and leaves uvicorn's logs to the service's logging."""
+
+    def __init__(self, broker: RabbitBroker, settings: Settings, **options: Any) -> None:
+        super().__init__(broker, **options)
+        # As `faststream run` passes its options: strings, which it converts.
+        self._uvicorn_defaults: dict[str, Any] = {
+            "host": settings.http_host,
+            "port": str(settings.http_port),
+            "log_config": None,
+            # Probes and scrapes every few seconds would drown the request log lines.
+            "access_log": "false",
+        }
+
+    async def run(
+        self, log_level: int = logging.INFO, run_extra_options: dict[str, Any] | None = None
+    ) -> None:
+        # Uvicorn shuts down gracefully on SIGTERM/SIGINT, then raises the signal again for
+        # whatever handler was there before it, so that the process ends as killed by it.
+        # The shutdown was graceful: end with status 0, as FastStream's own runner does.
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: None)
+        await super().run(log_level, self._uvicorn_defaults | (run_extra_options or {}))
+
+
+def create_app(settings: Settings) -> WorkerApp:
+    registry = metrics_registry()
+    tracer_provider = (
+        otlp_tracer_provider(settings.otel_service_name, settings.otel_exporter_otlp_endpoint)
+        if settings.otel_enabled
+        else None
+    )
     broker = RabbitBroker(
         with_connection_name(settings.rabbitmq_url, settings.connection_name),
         graceful_timeout=settings.graceful_timeout,
         reconnect_interval=settings.reconnect_interval,
+        middlewares=[
+            *([telemetry_middleware(tracer_provider)] if tracer_provider else []),
+            prometheus_middleware(registry),
+        ],
+        logger=logging.getLogger("chatbus.broker"),
+        # FastStream's "Received"/"Processed" lines only at DEBUG: the worker logs one line
+        # per request.
+        log_level=logging.DEBUG,
+        # The document describes the contract, not the broker this process happens to use.
+        specification_url="amqp://localhost:5672/",
     )
     client = create_ollama_client(settings.ollama_host, settings)
-    worker = ChatWorker(broker, client, settings)
+    instruments = ServiceInstruments(
+        registry,
+        tracer_provider.get_tracer("chatbus") if tracer_provider else trace.NoOpTracer(),
+    )
+    worker = ChatWorker(broker, client, settings, instruments)
+    instruments.watch_in_flight(lambda: worker.in_flight)
+    readiness = Readiness(
+        broker,
+        settings.ollama_host,
+        timeout=settings.ready_timeout,
+        ollama_cache_seconds=settings.ready_ollama_cache_seconds,
+    )
 
     @broker.subscriber(
         topology.requests_queue(settings),
@@ -45,7 +114,8 @@ def create_app(settings: Settings) -> FastStream:
         ack_policy=AckPolicy.MANUAL,
         decoder=keep_body_raw,
         no_reply=True,
-        title=settings.requests_queue,
+        # Documented from the contract by ContractAsyncAPI, as is the cancel subscriber.
+        include_in_schema=False,
     )
     async def handle_chat_request(message: RabbitMessage) -> None:
         await worker.handle(message)
@@ -56,9 +126,7 @@ def create_app(settings: Settings) -> FastStream:
         auto_delete=True,
     )
 
-    @broker.subscriber(
-        cancel_queue, topology.cancel_exchange(settings), title=settings.cancel_exchange
-    )
+    @broker.subscriber(cancel_queue, topology.cancel_exchange(settings), include_in_schema=False)
     async def handle_cancel(cancel: CancelRequest) -> None:
         worker.cancel(cancel)
 
@@ -68,7 +136,19 @@ def create_app(settings: Settings) -> FastStream:
     async def handle_models_request(message: RabbitMessage) -> ModelsReply | ErrorReply:
         return await list_models(client, message.correlation_id)
 
-    app = FastStream(broker)
+    app = WorkerApp(
+        broker,
+        settings,
+        asgi_routes=[
+            ("/healthz", liveness_endpoint()),
+            ("/readyz", readiness_endpoint(readiness)),
+            ("/metrics", make_asgi_app(registry)),
+        ],
+        # No try-it-out: it would let any HTTP client publish to the broker.
+        asyncapi_path=AsyncAPIRoute("/docs/asyncapi", try_it_out_path=None),
+        specification=ContractAsyncAPI(broker, settings),
+        logger=logging.getLogger("chatbus.app"),
+    )
 
     @app.on_startup
     async def declare_topology() -> None:
@@ -81,5 +161,9 @@ def create_app(settings: Settings) -> FastStream:
     @app.after_shutdown
     async def close_ollama_client() -> None:
         await client.close()  # type: ignore[no-untyped-call]
+        await readiness.close()
+        if tracer_provider:
+            # Sends the spans still batched.
+            tracer_provider.shutdown()
 
     return app

@@ -1,10 +1,9 @@
 """Entry point: `uv run faststream run main:app`."""
 
-import logging
-
 from broker import create_app
+from chatbus.observability import configure_logging
 from config import Settings
 
 settings = Settings()
-logging.basicConfig(level=settings.log_level)
+configure_logging(settings.log_level, settings.log_format)
 app = create_app(settings)

@@ -104,6 +104,8 @@ async def make_settings(
             "flush_window": 0.0,
             "graceful_timeout": 5.0,
             "reconnect_interval": 0.5,
+            # Worker processes of one run must not contend for the default HTTP port.
+            "http_port": 0,
         }
         settings = Settings(**(values | overrides))
         created.append(settings)

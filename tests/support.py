@@ -14,9 +14,8 @@ from typing import Any, Self
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
-from faststream import FastStream
 
-from broker import create_app
+from broker import WorkerApp, create_app
 from config import Settings
 
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
@@ -24,7 +23,7 @@ REPO_ROOT = Path(__file__).parent.parent
 
 
 @asynccontextmanager
-async def running_worker(settings: Settings) -> AsyncIterator[FastStream]:
+async def running_worker(settings: Settings) -> AsyncIterator[WorkerApp]:
     app = create_app(settings)
     await app.start()
     try:

@@ -101,22 +101,30 @@ class ChatRequest(_Strict):
 
 
 class ErrorCode(StrEnum):
-    """The closed set of error codes a terminal `error` reply carries."""
+    """The closed set of error codes a terminal `error` reply carries (this docstring is the
+    description of the code in the AsyncAPI document):
+
+    - `invalid_request`: the request is malformed, violates the schema or a limit, or
+      Ollama answered 400. Not retryable.
+    - `model_not_found`: Ollama does not have the model (HTTP 404). Not retryable.
+    - `upstream_unavailable`: Ollama could not be reached or was busy before the first
+      token, after retries. Retryable.
+    - `upstream_error`: Ollama failed after the answer started, or answered another 4xx.
+      Retryable when it failed mid-stream.
+    - `timeout`: no first token in time, no token for the idle timeout, or longer than the
+      total timeout. Retryable.
+    - `deadline_exceeded`: the request's own deadline passed. Not retryable.
+    - `internal_error`: the worker failed on every allowed delivery of the request.
+      Retryable.
+    """
 
     INVALID_REQUEST = "invalid_request"
-    """The request is malformed, violates the schema or a limit. Not retryable."""
     MODEL_NOT_FOUND = "model_not_found"
-    """Ollama does not have the model (HTTP 404). Not retryable."""
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"
-    """Ollama could not be reached or was busy before the first token. Retryable."""
     UPSTREAM_ERROR = "upstream_error"
-    """Ollama failed (a 4xx other than 404, or a failure after tokens were sent)."""
     TIMEOUT = "timeout"
-    """A first-token, idle or total timeout expired. Retryable."""
     DEADLINE_EXCEEDED = "deadline_exceeded"
-    """The request's own deadline passed. Not retryable."""
     INTERNAL_ERROR = "internal_error"
-    """The worker failed unexpectedly on the last allowed delivery. Retryable."""
 
 
 class Usage(BaseModel):
@@ -152,6 +160,9 @@ class _Reply(BaseModel):
 
 
 class ChunkReply(_Reply):
+    """Part of the answer: what Ollama produced since the previous chunk (tokens within the
+    worker's flush window are sent together). None for `stream: false` requests."""
+
     type: Literal["chunk"] = "chunk"
     content: str = Field(description="The text delta.")
     thinking: str | None = Field(default=None, description="Thinking delta, when sent.")
@@ -159,6 +170,9 @@ class ChunkReply(_Reply):
 
 
 class DoneReply(_Reply):
+    """Terminal: the generation ended, normally or by a cancel. Carries the whole assistant
+    message, the token usage and Ollama's timings."""
+
     type: Literal["done"] = "done"
     done_reason: str = Field(
         description='Ollama\'s done_reason ("stop", "length", ...), or '
@@ -171,6 +185,9 @@ class DoneReply(_Reply):
 
 
 class ErrorReply(_Reply):
+    """Terminal: the request got no (complete) answer. `code` says why, `retryable` whether
+    sending the same request again may succeed."""
+
     type: Literal["error"] = "error"
     code: ErrorCode
     message: str = Field(description="What went wrong, for humans.")

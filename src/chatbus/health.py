@@ -1,0 +1,118 @@
+"""Liveness and readiness of a worker, served on its HTTP side channel.
+
+Liveness says only that the process and its event loop answer: a worker must not be
+restarted because RabbitMQ or Ollama is down. Readiness says whether it can serve requests
+now, and which check failed when it cannot.
+"""
+
+import asyncio
+import time
+
+import aiormq
+import httpx
+from faststream.asgi import AsgiResponse, get
+from faststream.asgi.handlers import GetHandler
+from faststream.asgi.response import JSONResponse
+from faststream.asgi.types import Scope
+from faststream.rabbit import RabbitBroker
+from faststream.rabbit.subscriber import RabbitSubscriber
+
+OK = "ok"
+
+
+class Readiness:
+    """Ready when the broker connection is up, every subscriber of the broker is consuming,
+    and Ollama answers `/api/version`. Ollama's answer is kept for `ollama_cache_seconds`,
+    so that probes of many workers do not add up to load on it."""
+
+    def __init__(
+        self,
+        broker: RabbitBroker,
+        ollama_host: str,
+        *,
+        timeout: float,
+        ollama_cache_seconds: float,
+    ) -> None:
+        self._broker = broker
+        self._timeout = timeout
+        self._http = httpx.AsyncClient(base_url=ollama_host, timeout=timeout)
+        self._ollama_cache_seconds = ollama_cache_seconds
+        self._ollama_result: tuple[float, str] | None = None
+        self._ollama_lock = asyncio.Lock()
+
+    async def check(self) -> dict[str, str]:
+        """Each check's result: `"ok"`, or what is wrong."""
+        rabbitmq, consumers, ollama = await asyncio.gather(
+            self._rabbitmq(), self._consumers(), self._ollama()
+        )
+        return {"rabbitmq": rabbitmq, "consumers": consumers, "ollama": ollama}
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def _rabbitmq(self) -> str:
+        return OK if await self._broker.ping(self._timeout) else "no connection to RabbitMQ"
+
+    async def _consumers(self) -> str:
+        idle = [
+            subscriber.queue.name
+            for subscriber in self._broker.subscribers
+            if isinstance(subscriber, RabbitSubscriber)
+            and not await _consuming(subscriber, self._timeout)
+        ]
+        return f"not consuming from {', '.join(idle)}" if idle else OK
+
+    async def _ollama(self) -> str:
+        async with self._ollama_lock:
+            now = time.monotonic()
+            if self._ollama_result is None or now - self._ollama_result[0] >= (
+                self._ollama_cache_seconds
+            ):
+                self._ollama_result = (now, await self._ask_ollama())
+            return self._ollama_result[1]
+
+    async def _ask_ollama(self) -> str:
+        try:
+            response = await self._http.get("/api/version")
+        except httpx.HTTPError as error:
+            return f"Ollama unreachable: {type(error).__name__}: {error}"
+        if response.status_code != 200:
+            return f"Ollama answered /api/version with {response.status_code}"
+        return OK
+
+
+async def _consuming(subscriber: RabbitSubscriber, timeout: float) -> bool:
+    """Whether RabbitMQ delivers to this subscriber now. FastStream keeps a subscriber's queue
+    and consumer tag to itself; the tag being registered on the live channel is what proves
+    the consumer is there, after a reconnect too (consumers not restored after a broker
+    restart is a known aio-pika/FastStream failure, faststream#2758)."""
+    queue, tag = subscriber._queue_obj, subscriber._consumer_tag
+    if queue is None or tag is None or queue.channel.is_closed:
+        return False
+    try:
+        # A robust channel waits here for its connection to come back.
+        async with asyncio.timeout(timeout):
+            channel = await queue.channel.get_underlay_channel()
+    except (TimeoutError, aiormq.exceptions.ChannelInvalidStateError):
+        return False
+    return (
+        isinstance(channel, aiormq.Channel) and not channel.is_closed and tag in channel.consumers
+    )
+
+
+def liveness_endpoint() -> GetHandler:
+    @get(include_in_schema=False)
+    async def healthz(scope: Scope) -> AsgiResponse:
+        return JSONResponse({"status": "alive"})
+
+    return healthz
+
+
+def readiness_endpoint(readiness: Readiness) -> GetHandler:
+    @get(include_in_schema=False)
+    async def readyz(scope: Scope) -> AsgiResponse:
+        checks = await readiness.check()
+        ready = all(result == OK for result in checks.values())
+        return JSONResponse({"ready": ready, "checks": checks}, 200 if ready else 503)
+
+    return readyz
