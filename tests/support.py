@@ -178,6 +178,11 @@ class WorkerProcess:
         if not started.done():
             started.set_exception(AssertionError("worker exited:\n" + "".join(self.output)))
 
+    @property
+    def pid(self) -> int:
+        assert self._process is not None
+        return self._process.pid
+
     async def signal(self, signum: int) -> None:
         assert self._process is not None
         self._process.send_signal(signum)

@@ -1079,13 +1079,18 @@ class _Plan:
             extra.append(b"Connection: close")
         head = b"\r\n".join(_head(200, _NDJSON, extra)) + b"\r\n\r\n"
         pending_head: bytes | None = head
+        loop = asyncio.get_running_loop()
+        first_at = loop.time()
 
         for i, rest in enumerate(lines):
             fault = self._fault_at(i)
             if fault is not None:
                 return await self._stream_fault(conn, fault, pending_head)
             if i and delay > 0:
-                await asyncio.sleep(delay)
+                # Due `i * delay` after the first token, as from a model producing at a steady
+                # rate: the fake's own event-loop lag does not add up along the stream, so a
+                # benchmark can tell the service's latency from the fake's.
+                await asyncio.sleep(first_at + i * delay - loop.time())
             line = prefix + now() + rest
             data = b"%x\r\n%s\r\n" % (len(line), line)
             if pending_head is not None:

@@ -1,0 +1,107 @@
+"""The processes a run measures, each on its own: the fake Ollama and the worker."""
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from types import TracebackType
+from typing import Self
+
+from config import Settings
+from tests.support import WorkerProcess
+
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+class FakeOllamaProcess:
+    """`python -m chatbus.testing.fake_ollama`, so that its CPU is not the requester's."""
+
+    def __init__(self, tokens: int, token_delay: float = 0.0) -> None:
+        self.tokens = tokens
+        self.token_delay = token_delay
+        self.url = ""
+        self._process: asyncio.subprocess.Process | None = None
+
+    async def __aenter__(self) -> Self:
+        self._process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "chatbus.testing.fake_ollama",
+            "--port=0",
+            f"--tokens={self.tokens}",
+            f"--token-delay={self.token_delay}",
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert self._process.stdout is not None
+        async with asyncio.timeout(10):
+            self.url = (await self._process.stdout.readline()).decode().strip()
+        if not self.url:
+            raise RuntimeError("the fake Ollama did not start")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._process is not None
+        self._process.send_signal(signal.SIGTERM)
+        await self._process.wait()
+
+
+@contextlib.asynccontextmanager
+async def worker_process(settings: Settings) -> AsyncIterator[WorkerProcess]:
+    """The worker started as production starts it (`faststream run main:app`)."""
+    worker = await WorkerProcess(settings).start()
+    try:
+        yield worker
+    finally:
+        await worker.signal(signal.SIGTERM)
+        await worker.wait()
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/statm") as statm:
+        return int(statm.read().split()[1]) * _PAGE_SIZE / 2**20
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time the process has used."""
+    with open(f"/proc/{pid}/stat") as stat:
+        # Fields after the command name, which is in parentheses and may hold spaces.
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+class PeakRss:
+    """Samples a process's resident memory while the block runs."""
+
+    def __init__(self, pid: int, interval: float = 0.05) -> None:
+        self._pid = pid
+        self._interval = interval
+        self.peak_mb = 0.0
+        self._sampler: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Self:
+        self._sampler = asyncio.create_task(self._sample())
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._sampler is not None
+        self._sampler.cancel()
+        await asyncio.wait([self._sampler])
+        self.peak_mb = max(self.peak_mb, rss_mb(self._pid))
+
+    async def _sample(self) -> None:
+        while True:
+            self.peak_mb = max(self.peak_mb, rss_mb(self._pid))
+            await asyncio.sleep(self._interval)

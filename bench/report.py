@@ -1,0 +1,146 @@
+"""The issue's targets, as ratios within one run, and the table that shows them."""
+
+from collections.abc import Sequence
+from typing import Any
+
+ADDED_FIRST_TOKEN_MAX_HOPS = 1.5
+THROUGHPUT_RATIO_MIN = 0.8
+LATENESS_SLACK_MS = 20.0
+RSS_PEAK_MAX_MB = 250.0
+RSS_IDLE_MAX_MB = 80.0
+MESSAGES_PER_TOKEN_MAX = 0.1
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    direct, service, hop = results["direct"], results["service"], results["amqp_hop"]
+    two_hops = hop["request_latency_ms"]["p50"] + hop["reply_latency_ms"]["p50"]
+    added_first_token = service["first_token_ms"]["p50"] - direct["first_token_ms"]["p50"]
+    rows = [
+        _target(
+            "throughput: service / direct client",
+            service["tokens_per_second"] / direct["tokens_per_second"],
+            f">= {THROUGHPUT_RATIO_MIN}",
+            service["tokens_per_second"] / direct["tokens_per_second"] >= THROUGHPUT_RATIO_MIN,
+        ),
+        _target(
+            "added first-token p50 / (quorum hop + classic hop) p50",
+            added_first_token / two_hops,
+            f"<= {ADDED_FIRST_TOKEN_MAX_HOPS}",
+            added_first_token / two_hops <= ADDED_FIRST_TOKEN_MAX_HOPS,
+        ),
+    ]
+    for paced in results["paced"]:
+        window = paced["flush_window_ms"]
+        late = paced["token_lateness_ms"]["p99"]
+        rows += [
+            _target(
+                f"{paced['streams']} paced streams completed (window {window:g} ms)",
+                paced["completed"],
+                f"= {paced['streams']}",
+                paced["completed"] == paced["streams"],
+            ),
+            _target(
+                f"p99 token lateness, ms (window {window:g} ms)",
+                late,
+                f"<= {window + LATENESS_SLACK_MS:g}",
+                late <= window + LATENESS_SLACK_MS,
+            ),
+            _target(
+                f"worker RSS peak, MB (window {window:g} ms)",
+                paced["worker_rss_peak_mb"],
+                f"<= {RSS_PEAK_MAX_MB:g}",
+                paced["worker_rss_peak_mb"] <= RSS_PEAK_MAX_MB,
+            ),
+            _target(
+                f"broker messages per token at 50 tokens/s (window {window:g} ms)",
+                paced["broker_messages_per_token"],
+                f"<= {MESSAGES_PER_TOKEN_MAX}",
+                paced["broker_messages_per_token"] <= MESSAGES_PER_TOKEN_MAX,
+            ),
+        ]
+    rows.append(
+        _target(
+            "worker RSS idle, MB",
+            service["worker_rss_idle_mb"],
+            f"<= {RSS_IDLE_MAX_MB:g}",
+            service["worker_rss_idle_mb"] <= RSS_IDLE_MAX_MB,
+        )
+    )
+    return rows
+
+
+def _target(name: str, measured: float, target: str, met: bool) -> dict[str, Any]:
+    return {"target": name, "measured": measured, "wanted": target, "met": met}
+
+
+def print_table(results: dict[str, Any]) -> None:
+    machine = results["machine"]
+    print(
+        f"\n{machine['cpu']}, {machine['cores']} cores, Python {machine['python']} "
+        f"({machine['worker_event_loop']} in the worker), RabbitMQ {machine['rabbitmq']}\n"
+    )
+    direct, service, hop = results["direct"], results["service"], results["amqp_hop"]
+    params = results["parameters"]
+    measurements = [
+        (
+            f"ollama client alone, {params['streams']} streams x {params['tokens']} tokens",
+            f"{direct['tokens_per_second']:,.0f} tokens/s",
+        ),
+        ("ollama client alone, first token p50 / p99", _ms_pair(direct["first_token_ms"])),
+        ("raw AMQP hop into a quorum queue p50 / p99", _ms_pair(hop["request_latency_ms"])),
+        ("raw AMQP hop into a classic queue p50 / p99", _ms_pair(hop["reply_latency_ms"])),
+        (
+            "raw AMQP hop into a classic queue, rate",
+            f"{hop['messages_per_second']:,.0f} messages/s",
+        ),
+        (
+            f"service, {params['streams']} streams x {params['tokens']} tokens",
+            f"{service['tokens_per_second']:,.0f} tokens/s",
+        ),
+        ("service, worker CPU per token", f"{service['worker_cpu_us_per_token']:.1f} us"),
+        ("service, broker messages per token", f"{service['broker_messages_per_token']:.3f}"),
+        ("service, first token p50 / p99", _ms_pair(service["first_token_ms"])),
+        (
+            "ollama client alone, paced token lateness p50 / p99",
+            _ms_pair(results["direct_paced"]["token_lateness_ms"]),
+        ),
+    ]
+    for paced in results["paced"]:
+        window = f"window {paced['flush_window_ms']:g} ms"
+        measurements += [
+            (
+                f"service, {paced['streams']} paced streams, {window}: token lateness p50 / p99",
+                _ms_pair(paced["token_lateness_ms"]),
+            ),
+            (
+                f"service, {paced['streams']} paced streams, {window}: completed, wall time",
+                f"{paced['completed']}/{paced['streams']} in {paced['seconds']:.2f} s",
+            ),
+            (
+                f"service, {paced['streams']} paced streams, {window}: worker CPU per token",
+                f"{paced['worker_cpu_us_per_token']:.1f} us",
+            ),
+            (
+                f"service, {paced['streams']} paced streams, {window}: worker RSS idle / peak",
+                f"{paced['worker_rss_idle_mb']:.0f} / {paced['worker_rss_peak_mb']:.0f} MB",
+            ),
+        ]
+    _print_rows(("measurement", "value"), measurements)
+    print()
+    _print_rows(
+        ("target", "measured", "wanted", "met"),
+        [
+            (row["target"], f"{row['measured']:.3g}", row["wanted"], "yes" if row["met"] else "NO")
+            for row in results["targets"]
+        ],
+    )
+
+
+def _ms_pair(summary: dict[str, float]) -> str:
+    return f"{summary['p50']:.2f} / {summary['p99']:.2f} ms"
+
+
+def _print_rows(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for line in [header, tuple("-" * w for w in widths), *rows]:
+        print("| " + " | ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)) + " |")
