@@ -1,5 +1,7 @@
 """Ollama client setup and the mapping of its failures onto the contract's error codes."""
 
+import math
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import httpx
@@ -11,18 +13,79 @@ from chatbus.options import WorkerOptions
 # Statuses Ollama answers when it is overloaded or failing, not when the request is wrong.
 _TRANSIENT_STATUSES = frozenset({500, 502, 503, 504})
 
+_CONNECTIONS_PER_POOL = 16
+
 
 def create_ollama_client(host: str, options: WorkerOptions) -> ollama.AsyncClient:
-    """One client per worker. The library's default is no timeout at all; the read timeout
-    here is only a backstop, the generation loop enforces the finer first-token, idle and
-    total timeouts itself."""
+    """One client per worker, with a connection kept open for each generation the worker
+    runs at once (and one for listing the models), so that neither httpx's default of 100
+    connections caps the prefetch nor a burst reconnects. The library's default is no
+    timeout at all; the read timeout here is only a backstop, the generation loop enforces
+    the finer first-token, idle and total timeouts itself."""
     timeout = httpx.Timeout(
         connect=options.ollama_connect_timeout,
         read=max(options.first_token_timeout, options.idle_timeout),
         write=options.ollama_connect_timeout,
         pool=options.first_token_timeout,
     )
-    return ollama.AsyncClient(host=host, timeout=timeout)
+    transport = PooledTransport(options.prefetch + 1)
+    return ollama.AsyncClient(host=host, timeout=timeout, transport=transport)
+
+
+class PooledTransport(httpx.AsyncBaseTransport):
+    """`connections` spread over small httpx pools, each request sent through the least
+    busy one. httpcore's pool walks all its connections, in quadratic time, when a request
+    starts and when it ends: with a few hundred connections in one pool that costs more CPU
+    than the whole generation."""
+
+    def __init__(self, connections: int) -> None:
+        pools = math.ceil(connections / _CONNECTIONS_PER_POOL)
+        size = math.ceil(connections / pools)
+        limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
+        # One TLS context for all: each holds its own copy of the CA bundle otherwise.
+        tls = httpx.create_ssl_context()
+        self._pools = [httpx.AsyncHTTPTransport(verify=tls, limits=limits) for _ in range(pools)]
+        self._busy = [0] * pools
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        index = min(range(len(self._pools)), key=self._busy.__getitem__)
+        self._busy[index] += 1
+        try:
+            response = await self._pools[index].handle_async_request(request)
+        except BaseException:
+            self._busy[index] -= 1
+            raise
+        assert isinstance(response.stream, httpx.AsyncByteStream)
+        response.stream = _Releasing(response.stream, lambda: self._release(index))
+        return response
+
+    def _release(self, index: int) -> None:
+        self._busy[index] -= 1
+
+    async def aclose(self) -> None:
+        for pool in self._pools:
+            await pool.aclose()
+
+
+class _Releasing(httpx.AsyncByteStream):
+    """A response body that tells when it is closed, which is when httpx hands its
+    connection back to the pool."""
+
+    def __init__(self, stream: httpx.AsyncByteStream, release: Callable[[], None]) -> None:
+        self._stream = stream
+        self._release: Callable[[], None] | None = release
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._stream:
+            yield chunk
+
+    async def aclose(self) -> None:
+        try:
+            await self._stream.aclose()
+        finally:
+            if self._release is not None:
+                self._release()
+                self._release = None
 
 
 @dataclass(frozen=True)
