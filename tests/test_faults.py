@@ -499,7 +499,12 @@ async def rabbitmqctl(*args: str) -> str:
     process = await asyncio.create_subprocess_exec(
         "rabbitmqctl", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
-    stdout, stderr = await process.communicate()
+    try:
+        async with asyncio.timeout(120):
+            stdout, stderr = await process.communicate()
+    except TimeoutError:
+        process.kill()
+        raise AssertionError(f"rabbitmqctl {' '.join(args)} did not finish") from None
     assert process.returncode == 0, stderr.decode()
     return stdout.decode()
 
@@ -588,7 +593,7 @@ async def test_two_requests_sharing_a_correlation_id_are_both_answered(
             routing_key=requester.settings.requests_queue,
         )
         await channel.close()
-        terminals = []
+        terminals: list[dict[str, Any]] = []
         while len(terminals) < 2:
             reply = await replies.next()
             if reply["type"] != "chunk":

@@ -22,8 +22,8 @@ asked). The queue exists only while a worker is up, so a mandatory publish tells
 requester at once that none is."""
 
 DEADLINE_HEADER = "x-deadline"
-"""Request header: absolute deadline as Unix epoch seconds (int or float). An expired
-request is answered with `deadline_exceeded` without calling Ollama."""
+"""Request header: absolute deadline as Unix epoch seconds (integer, decimal string or AMQP
+timestamp). An expired request is answered with `deadline_exceeded` without calling Ollama."""
 
 
 class _Strict(BaseModel):

@@ -20,7 +20,10 @@ class WorkerOptions(BaseModel):
         default=4, ge=1, description="Concurrent generations per worker (channel prefetch)."
     )
     delivery_limit: int = Field(
-        default=5, ge=1, description="Deliveries of one request before it is dead-lettered."
+        default=5,
+        ge=1,
+        description="The request queue's x-delivery-limit: a request returned more often "
+        "than this (worker crashes, lost connections, failures) is dead-lettered.",
     )
     graceful_timeout: float = Field(
         default=30.0, gt=0, description="Seconds in-flight generations get to finish on shutdown."
