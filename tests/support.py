@@ -4,6 +4,7 @@ README's contract alone (no chatbus client code), so the tests check the contrac
 import asyncio
 import json
 import os
+import shutil
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -13,6 +14,7 @@ from types import TracebackType
 from typing import Any, Self
 
 import aio_pika
+import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from broker import WorkerApp, create_app
@@ -236,3 +238,15 @@ async def dead_letters(connection: AbstractRobustConnection, settings: Settings)
         bodies.append(message.body)
     await channel.close()
     return bodies
+
+
+def node_with(package: str) -> str:
+    """The node binary, with `package` installed into node_modules (as `.ci/run` does).
+    Without them the test is skipped, except under CI=true, where that is a failure."""
+    node = shutil.which("node")
+    if node is None or not (REPO_ROOT / "node_modules" / package).is_dir():
+        reason = f"needs node and the npm package {package} (`.ci/run` installs it)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return node

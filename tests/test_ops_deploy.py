@@ -8,13 +8,11 @@ AsyncAPI document by the official AsyncAPI parser (from npm, installed by `.ci/r
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from chatbus.contract import (
@@ -24,7 +22,7 @@ from chatbus.contract import (
     reply_adapter,
 )
 from config import Settings
-from tests.support import REPO_ROOT
+from tests.support import REPO_ROOT, node_with
 
 VENV_BIN = Path(sys.executable).parent
 ASYNCAPI = REPO_ROOT / "docs" / "asyncapi.yaml"
@@ -193,13 +191,7 @@ def test_the_asyncapi_examples_are_valid_messages() -> None:
 
 
 def test_the_asyncapi_document_passes_the_official_parser() -> None:
-    node = shutil.which("node")
-    parser = REPO_ROOT / "node_modules" / "@asyncapi" / "parser"
-    if node is None or not parser.is_dir():
-        reason = "needs node and @asyncapi/parser (`.ci/run` installs it into node_modules)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
+    node = node_with("@asyncapi/parser")
 
     result = run(node, REPO_ROOT / "tests" / "validate_asyncapi.mjs", ASYNCAPI, cwd=REPO_ROOT)
 

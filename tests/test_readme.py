@@ -1,6 +1,7 @@
 """The README's examples are the tested code."""
 
 import asyncio
+import json
 import re
 import shlex
 import sys
@@ -12,7 +13,7 @@ import pytest
 
 from chatbus.testing.fake_ollama import DEFAULT_TOKENS
 from config import Settings
-from tests.support import DIRECT_REPLY_TO, WorkerProcess
+from tests.support import DIRECT_REPLY_TO, REPO_ROOT, WorkerProcess, node_with
 
 README = Path(__file__).parent.parent / "README.md"
 
@@ -92,3 +93,28 @@ async def test_testing_kit_example_runs_against_the_fake_and_the_worker(
     finally:
         fake.terminate()
         await fake.wait()
+
+
+async def test_node_amqplib_example_streams_the_answer(worker: Settings) -> None:
+    node = node_with("amqplib")
+    code = (
+        readme_python_block("And with Node's", language="js")
+        .replace('"chat.requests"', json.dumps(worker.requests_queue))
+        .replace('"chat.replies"', json.dumps(worker.replies_exchange))
+        .replace('"amqp://guest:guest@localhost:5672/"', json.dumps(worker.rabbitmq_url))
+    )
+    process = await asyncio.create_subprocess_exec(
+        node,
+        "--input-type=commonjs",
+        "-e",
+        code,
+        cwd=REPO_ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(30):
+        stdout, stderr = await process.communicate()
+
+    assert process.returncode == 0, stderr.decode()
+    streamed, answer = stdout.decode().rstrip("\n").split("\n")
+    assert streamed == answer == "".join(DEFAULT_TOKENS)
