@@ -223,9 +223,9 @@ class Generation:
                     last_flush_at + options.flush_window if answer.has_unsent() else wait_until
                 )
                 try:
-                    # A timeout scope, unlike wait_for, costs no task per wait.
-                    async with asyncio.timeout_at(min(wait_until, flush_at)):
-                        item = await inbox.get()
+                    item = await asyncio.wait_for(
+                        inbox.get(), min(wait_until, flush_at) - loop.time()
+                    )
                 except TimeoutError:
                     if answer.has_unsent() and loop.time() >= flush_at:
                         await sink.chunk(*answer.take_unsent())
