@@ -5,6 +5,7 @@ import asyncio
 import json
 import os
 import shutil
+import socket
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -18,6 +19,7 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from broker import WorkerApp, create_app
+from chatbus.testing import Behaviour, FakeOllama
 from config import Settings
 
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
@@ -250,3 +252,65 @@ def node_with(package: str) -> str:
             pytest.fail(reason)
         pytest.skip(reason)
     return node
+
+
+def assert_well_formed(replies: list[dict[str, Any]], correlation_id: str | None = None) -> None:
+    """Numbered 0, 1, 2, ... with exactly one terminal reply, the last, all of one request."""
+    assert [r["seq"] for r in replies] == list(range(len(replies)))
+    assert [r["type"] for r in replies[:-1]] == ["chunk"] * (len(replies) - 1)
+    assert replies[-1]["type"] in ("done", "error")
+    ids = {r["correlation_id"] for r in replies} | {r["_amqp_correlation_id"] for r in replies}
+    assert len(ids) == 1
+    if correlation_id is not None:
+        assert ids == {correlation_id}
+
+
+def streamed_text(replies: list[dict[str, Any]]) -> str:
+    return "".join(r["content"] for r in replies if r["type"] == "chunk")
+
+
+def model(fake: FakeOllama, **behaviour: Any) -> str:
+    """A model of its own for one test, so tests cannot disturb each other's counters."""
+    name = f"model-{uuid.uuid4().hex[:8]}"
+    fake.models[name] = Behaviour(**behaviour)
+    return name
+
+
+def requests_for(fake: FakeOllama, model_name: str) -> int:
+    return sum(1 for r in fake.requests if r.get("model") == model_name)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def rabbitmqctl(*args: str) -> str:
+    process = await asyncio.create_subprocess_exec(
+        "rabbitmqctl", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        async with asyncio.timeout(120):
+            stdout, stderr = await process.communicate()
+    except TimeoutError:
+        process.kill()
+        raise AssertionError(f"rabbitmqctl {' '.join(args)} did not finish") from None
+    assert process.returncode == 0, stderr.decode()
+    return stdout.decode()
+
+
+async def close_connection_named(name: str) -> None:
+    listing = await rabbitmqctl(
+        "list_connections", "pid", "client_properties", "--quiet", "--no-table-headers"
+    )
+    marker = f'{{"connection_name","{name}"}}'
+    pids = [line.split("\t", 1)[0] for line in listing.splitlines() if marker in line]
+    assert len(pids) == 1, listing
+    await rabbitmqctl("close_connection", pids[0], "fault test: connection lost")
+
+
+needs_rabbitmqctl = pytest.mark.skipif(
+    not shutil.which("rabbitmqctl"), reason="needs rabbitmqctl on this machine"
+)

@@ -18,9 +18,8 @@ from aio_pika.abc import AbstractRobustConnection
 from chatbus.testing import FakeOllama
 from chatbus.testing.fake_ollama import DEFAULT_TOKENS
 from config import Settings
-from tests.support import settings_env
-from tests.test_client import how_it_ended, model, observing
-from tests.test_faults import free_port
+from tests.support import free_port, model, settings_env
+from tests.test_client import how_it_ended, observing
 
 CHATBUS = str(Path(sys.executable).with_name("chatbus"))
 ANSWER = "".join(DEFAULT_TOKENS)

@@ -27,11 +27,18 @@ from chatbus.errors import (
     UpstreamError,
     UpstreamUnavailableError,
 )
-from chatbus.testing import Behaviour, FakeOllama
+from chatbus.testing import FakeOllama
 from chatbus.testing.fake_ollama import DEFAULT_THINKING, DEFAULT_TOKENS
 from config import Settings
-from tests.support import Replies, WorkerProcess, running_worker
-from tests.test_faults import close_connection_named, free_port, needs_rabbitmqctl
+from tests.support import (
+    Replies,
+    WorkerProcess,
+    close_connection_named,
+    free_port,
+    model,
+    needs_rabbitmqctl,
+    running_worker,
+)
 
 MakeSettings = Callable[..., Settings]
 ANSWER = "".join(DEFAULT_TOKENS)
@@ -39,13 +46,6 @@ ANSWER = "".join(DEFAULT_TOKENS)
 
 def client_for(settings: Settings, **options: Any) -> ChatClient:
     return ClientSettings(**settings.model_dump()).client(**options)
-
-
-def model(fake: FakeOllama, **behaviour: Any) -> str:
-    """A model of its own for one test, so that tests cannot disturb each other."""
-    name = f"model-{uuid.uuid4().hex[:8]}"
-    fake.models[name] = Behaviour(**behaviour)
-    return name
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ nothing was left unacknowledged), redelivered (`attempt` 2), or dead-lettered.
 import asyncio
 import json
 import signal
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -21,32 +20,28 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 
-from chatbus.testing import Behaviour, FakeOllama
+from chatbus.testing import FakeOllama
 from config import Settings
 from tests.support import (
     Replies,
     Requester,
     WorkerProcess,
+    assert_well_formed,
+    close_connection_named,
     consumer_count,
     dead_letters,
+    free_port,
+    model,
+    needs_rabbitmqctl,
     queue_depths,
+    rabbitmqctl,
+    requests_for,
     running_worker,
+    streamed_text,
     user,
 )
-from tests.test_worker import assert_well_formed, streamed_text
 
 MakeSettings = Callable[..., Settings]
-
-
-def model(fake: FakeOllama, **behaviour: Any) -> str:
-    """A model of its own for one test, so tests cannot disturb each other's counters."""
-    name = f"model-{uuid.uuid4().hex[:8]}"
-    fake.models[name] = Behaviour(**behaviour)
-    return name
-
-
-def requests_for(fake: FakeOllama, model_name: str) -> int:
-    return sum(1 for r in fake.requests if r.get("model") == model_name)
 
 
 @asynccontextmanager
@@ -70,13 +65,6 @@ async def publish_cancel(amqp: AbstractRobustConnection, settings: Settings, cid
         aio_pika.Message(json.dumps({"correlation_id": cid}).encode()), routing_key=""
     )
     await channel.close()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 # --- Ollama faults -------------------------------------------------------------------
@@ -493,35 +481,6 @@ async def test_a_worker_bug_is_retried_then_answered_internal_error_and_dead_let
 
 
 # --- Broker faults ---------------------------------------------------------------------------
-
-
-async def rabbitmqctl(*args: str) -> str:
-    process = await asyncio.create_subprocess_exec(
-        "rabbitmqctl", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    try:
-        async with asyncio.timeout(120):
-            stdout, stderr = await process.communicate()
-    except TimeoutError:
-        process.kill()
-        raise AssertionError(f"rabbitmqctl {' '.join(args)} did not finish") from None
-    assert process.returncode == 0, stderr.decode()
-    return stdout.decode()
-
-
-async def close_connection_named(name: str) -> None:
-    listing = await rabbitmqctl(
-        "list_connections", "pid", "client_properties", "--quiet", "--no-table-headers"
-    )
-    marker = f'{{"connection_name","{name}"}}'
-    pids = [line.split("\t", 1)[0] for line in listing.splitlines() if marker in line]
-    assert len(pids) == 1, listing
-    await rabbitmqctl("close_connection", pids[0], "fault test: connection lost")
-
-
-needs_rabbitmqctl = pytest.mark.skipif(
-    not __import__("shutil").which("rabbitmqctl"), reason="needs rabbitmqctl on this machine"
-)
 
 
 @needs_rabbitmqctl

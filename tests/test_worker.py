@@ -10,22 +10,7 @@ from aio_pika.abc import AbstractRobustConnection
 from chatbus.testing import Behaviour, FakeOllama
 from chatbus.testing.fake_ollama import DEFAULT_THINKING, DEFAULT_TOKENS
 from config import Settings
-from tests.support import DIRECT_REPLY_TO, Requester, user
-
-
-def assert_well_formed(replies: list[dict[str, Any]], correlation_id: str | None = None) -> None:
-    """Numbered 0, 1, 2, ... with exactly one terminal reply, the last, all of one request."""
-    assert [r["seq"] for r in replies] == list(range(len(replies)))
-    assert [r["type"] for r in replies[:-1]] == ["chunk"] * (len(replies) - 1)
-    assert replies[-1]["type"] in ("done", "error")
-    ids = {r["correlation_id"] for r in replies} | {r["_amqp_correlation_id"] for r in replies}
-    assert len(ids) == 1
-    if correlation_id is not None:
-        assert ids == {correlation_id}
-
-
-def streamed_text(replies: list[dict[str, Any]]) -> str:
-    return "".join(r["content"] for r in replies if r["type"] == "chunk")
+from tests.support import DIRECT_REPLY_TO, Requester, assert_well_formed, streamed_text, user
 
 
 async def test_streams_the_whole_answer_in_order(requester: Requester) -> None:
