@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from aio_pika.exceptions import AMQPConnectionError
-from yarl import URL
 
+from chatbus import failover
 from chatbus.client import ChatClient, ChatEvent, RequestFields, Restarted
 from chatbus.contract import DoneReply, ModelInfo
 from chatbus.conversation import Conversation
@@ -29,6 +29,7 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 EPILOG = f"""\
 settings, from the environment or .env, as the service reads them:
   RABBITMQ_URL       default {DEFAULT_RABBITMQ_URL}
+                     (several nodes: comma-separated, the first that answers is used)
   REQUESTS_QUEUE, REPLIES_EXCHANGE, CANCEL_EXCHANGE, MODELS_QUEUE
                      default: the contract's names
 exit codes:
@@ -265,9 +266,10 @@ async def _connect(settings: BusSettings, timeout: float | None) -> ChatClient:
     try:
         await client.connect()
     except (OSError, AMQPConnectionError) as error:
-        url = URL(settings.rabbitmq_url)
-        shown = url.with_password("******") if url.password else url
-        raise CliError(f"cannot connect to RabbitMQ at {shown}: {error}") from None
+        where = failover.shown(settings.rabbitmq_url)
+        raise CliError(f"cannot connect to RabbitMQ at {where}: {error}") from None
+    except failover.ConfigurationError as error:
+        raise CliError(str(error)) from None
     return client
 
 

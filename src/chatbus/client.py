@@ -24,14 +24,13 @@ from aio_pika.abc import (
     AbstractExchange,
     AbstractIncomingMessage,
     AbstractRobustChannel,
-    AbstractRobustConnection,
 )
 from aiormq.abc import DeliveredMessage
 from aiormq.exceptions import ChannelInvalidStateError
 from faststream.rabbit import RabbitExchange
 from pydantic import BaseModel, ValidationError
 
-from chatbus import topology
+from chatbus import failover, topology
 from chatbus.contract import (
     DEADLINE_HEADER,
     NAMES,
@@ -122,10 +121,12 @@ class ChatClient:
         done = await client.chat("Why is the sky blue?")
     ```
 
-    `names` are the queues and exchanges to use, the contract's unless a deployment renamed
-    them. `timeout` is the default of every
-    call's own `timeout`: seconds until the request's deadline, which is also sent to the
-    worker (header `x-deadline`) so that it stops working on an answer nobody waits for.
+    `rabbitmq_url` may name several nodes of a cluster, comma-separated: the client connects
+    to the first that answers and moves to the next when its connection is lost
+    (`chatbus.failover`). `names` are the queues and exchanges to use, the contract's
+    unless a deployment renamed them. `timeout` is the default of every call's own
+    `timeout`: seconds until the request's deadline, which is also sent to the worker
+    (header `x-deadline`) so that it stops working on an answer nobody waits for.
     """
 
     def __init__(
@@ -163,7 +164,7 @@ class ChatClient:
     async def connect(self) -> None:
         """Connect, declare the exchanges the requests need (as the worker does, so that
         the client may start first) and start consuming the reply queue."""
-        connection: AbstractRobustConnection = await aio_pika.connect_robust(
+        connection = await failover.connect_robust(
             self._url,
             client_properties={"connection_name": self._connection_name},
             reconnect_interval=self._reconnect_interval,

@@ -18,12 +18,12 @@ from faststream.rabbit import Channel, RabbitBroker, RabbitQueue
 from faststream.rabbit.annotations import RabbitMessage
 from opentelemetry import trace
 from prometheus_client import make_asgi_app
-from yarl import URL
 
 from chatbus import topology
 from chatbus.asyncapi import ContractAsyncAPI
 from chatbus.catalog import list_models
 from chatbus.contract import CancelRequest, ErrorReply, ModelsReply
+from chatbus.failover import FailoverRabbitBroker, addresses, joined
 from chatbus.health import Readiness, liveness_endpoint, readiness_endpoint
 from chatbus.observability import (
     ServiceInstruments,
@@ -55,10 +55,15 @@ async def _the_message_itself(message: RabbitMessage) -> RabbitMessage:
 
 
 def _with_connection_name(url: str, name: str) -> str:
-    """Name the AMQP connection (aiormq reads `name` from the URL), so that operators and
-    the fault tests can tell this worker's connection apart; a name in the URL wins."""
-    parsed = URL(url)
-    return url if "name" in parsed.query else str(parsed.update_query(name=name))
+    """Name the AMQP connection (aiormq reads `name` from the URL) on every address, so
+    that operators and the fault tests can tell this worker's connection apart; a name in
+    the URL wins."""
+    return joined(
+        [
+            address if "name" in address.query else address.update_query(name=name)
+            for address in addresses(url)
+        ]
+    )
 
 
 class WorkerApp(AsgiFastStream):
@@ -94,7 +99,7 @@ def create_app(settings: Settings) -> WorkerApp:
         if settings.otel_enabled
         else None
     )
-    broker = RabbitBroker(
+    broker = FailoverRabbitBroker(
         _with_connection_name(settings.rabbitmq_url, settings.connection_name),
         graceful_timeout=settings.graceful_timeout,
         reconnect_interval=settings.reconnect_interval,
