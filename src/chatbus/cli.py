@@ -10,15 +10,16 @@ import contextlib
 import json
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
-from aio_pika.exceptions import AMQPConnectionError
+from aio_pika.exceptions import AMQPConnectionError, ChannelNotFoundEntity
 
 from chatbus import failover
 from chatbus.client import ChatClient, ChatEvent, RequestFields, Restarted
 from chatbus.contract import DoneReply, ModelInfo
 from chatbus.conversation import Conversation
+from chatbus.dlq import DeadLetter, DeadLetterError, DeadLetterQueue, Outcome
 from chatbus.errors import ChatError
 from chatbus.settings import DEFAULT_RABBITMQ_URL, BusSettings
 
@@ -30,7 +31,7 @@ EPILOG = f"""\
 settings, from the environment or .env, as the service reads them:
   RABBITMQ_URL       default {DEFAULT_RABBITMQ_URL}
                      (several nodes: comma-separated, the first that answers is used)
-  REQUESTS_QUEUE, REPLIES_EXCHANGE, CANCEL_EXCHANGE, MODELS_QUEUE
+  REQUESTS_QUEUE, REPLIES_EXCHANGE, CANCEL_EXCHANGE, MODELS_QUEUE, DEAD_LETTER_QUEUE
                      default: the contract's names
 exit codes:
   0 done, {EXIT_ERROR} the request failed or RabbitMQ is unreachable, {EXIT_USAGE} bad arguments,
@@ -120,6 +121,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Run a worker, configured by the environment (see the README's settings).",
     )
     worker.set_defaults(command=_worker)
+    _add_dlq_commands(commands)
     return parser
 
 
@@ -130,6 +132,49 @@ def _worker(args: argparse.Namespace, settings: BusSettings) -> int:
     app = app_from_environment()
     asyncio.run(app.run())
     return 0
+
+
+def _add_dlq_commands(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    dlq = commands.add_parser(
+        "dlq",
+        help="the dead-letter queue: list, replay or purge requests that failed",
+        description="Requests end in the dead-letter queue (DEAD_LETTER_QUEUE) when they were "
+        "invalid or failed on every allowed delivery.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    actions = dlq.add_subparsers(title="commands", required=True)
+
+    listing = actions.add_parser(
+        "list",
+        help="the dead letters: correlation id, why (x-death reason and count), age, model",
+    )
+    listing.add_argument(
+        "--show-content", action="store_true", help="also show the requests' text (user data)"
+    )
+    listing.add_argument(
+        "--limit", type=int, default=100, help="show the first N of the queue (default 100)"
+    )
+    listing.add_argument("--json", action="store_true", help="print them as JSON")
+    listing.set_defaults(command=_dlq_list)
+
+    replay = actions.add_parser(
+        "replay",
+        help="move dead letters back to the request queue",
+        description="Publish each chosen dead letter to the request queue as it was sent "
+        "and, once the broker confirmed it, remove it from the dead-letter queue: "
+        "interrupted, nothing is lost; at worst one request is in both queues.",
+    )
+    chosen = replay.add_mutually_exclusive_group(required=True)
+    chosen.add_argument("--id", nargs="+", dest="ids", metavar="CID", help="correlation ids")
+    chosen.add_argument("--all", action="store_true", help="every dead letter")
+    replay.set_defaults(command=_dlq_replay)
+
+    purge = actions.add_parser("purge", help="drop dead letters for good")
+    purge.add_argument(
+        "--id", nargs="+", dest="ids", metavar="CID", required=True, help="correlation ids"
+    )
+    purge.set_defaults(command=_dlq_purge)
 
 
 def _option(text: str) -> tuple[str, Any]:
@@ -250,6 +295,91 @@ def _models_table(models: list[ModelInfo]) -> str:
     )
 
 
+def _dlq_list(args: argparse.Namespace, settings: BusSettings) -> int:
+    async def listed() -> tuple[int, list[DeadLetter]]:
+        async with _dead_letters(settings) as queue:
+            return await queue.count(), await queue.list(args.limit)
+
+    count, letters = asyncio.run(listed())
+    if args.json:
+        shown = [letter.summary(show_content=args.show_content) for letter in letters]
+        document = {"queue": settings.dead_letter_queue, "count": count, "dead_letters": shown}
+        print(json.dumps(document, indent=2))
+        return 0
+    print(f"{settings.dead_letter_queue}: {count} dead letter{'s' if count != 1 else ''}")
+    if count > len(letters):
+        print(f"(the first {len(letters)} in the queue shown)")
+    if letters:
+        print(_dead_letters_table(letters, show_content=args.show_content))
+    return 0
+
+
+def _dead_letters_table(letters: list[DeadLetter], *, show_content: bool) -> str:
+    rows = [("CORRELATION ID", "REASON", "COUNT", "AGE", "MODEL")]
+    for letter in letters:
+        age = letter.age()
+        rows.append(
+            (
+                letter.correlation_id or "(none)",
+                letter.reason or "",
+                "" if letter.count is None else str(letter.count),
+                "" if age is None else _duration(age),
+                letter.model or "(default)",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for index, row in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        if show_content and index > 0:
+            lines.append(f"  {json.dumps(letters[index - 1].content())}")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size:.0f}{unit}"
+    return f"{max(seconds, 0):.0f}s"
+
+
+def _dlq_replay(args: argparse.Namespace, settings: BusSettings) -> int:
+    async def replayed() -> Outcome:
+        async with _dead_letters(settings) as queue:
+            return await queue.replay(None if args.all else args.ids)
+
+    outcome = asyncio.run(replayed())
+    print(f"replayed {len(outcome.done)} to {settings.requests_queue}")
+    return _report_not_found(outcome)
+
+
+def _dlq_purge(args: argparse.Namespace, settings: BusSettings) -> int:
+    async def purged() -> Outcome:
+        async with _dead_letters(settings) as queue:
+            return await queue.purge(args.ids)
+
+    outcome = asyncio.run(purged())
+    print(f"purged {len(outcome.done)} from {settings.dead_letter_queue}")
+    return _report_not_found(outcome)
+
+
+def _report_not_found(outcome: Outcome) -> int:
+    for correlation_id in sorted(outcome.not_found):
+        print(f"chatbus: no dead letter with correlation id {correlation_id}", file=sys.stderr)
+    return EXIT_ERROR if outcome.not_found else 0
+
+
+@contextlib.asynccontextmanager
+async def _dead_letters(settings: BusSettings) -> AsyncIterator[DeadLetterQueue]:
+    with _connection_errors(settings):
+        connection = await failover.connect(settings.rabbitmq_url)
+    async with connection:
+        try:
+            yield DeadLetterQueue(connection, settings.dead_letter_queue, settings.requests_queue)
+        except (ChannelNotFoundEntity, DeadLetterError) as error:
+            raise CliError(str(error)) from None
+
+
 @contextlib.asynccontextmanager
 async def _connected(
     settings: BusSettings, timeout: float | None = None
@@ -263,14 +393,20 @@ async def _connected(
 
 async def _connect(settings: BusSettings, timeout: float | None) -> ChatClient:
     client = ChatClient(settings.rabbitmq_url, names=settings.names, timeout=timeout)
-    try:
+    with _connection_errors(settings):
         await client.connect()
+    return client
+
+
+@contextlib.contextmanager
+def _connection_errors(settings: BusSettings) -> Iterator[None]:
+    try:
+        yield
     except (OSError, AMQPConnectionError) as error:
         where = failover.shown(settings.rabbitmq_url)
         raise CliError(f"cannot connect to RabbitMQ at {where}: {error}") from None
     except failover.ConfigurationError as error:
         raise CliError(str(error)) from None
-    return client
 
 
 class Printer:
