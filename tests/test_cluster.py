@@ -12,7 +12,12 @@ import pytest
 
 from chatbus.settings import Settings
 from chatbus.testing import FakeOllama, WorkerProcess
-from chatbus.testing.chaos import DurableRequester, RequestRecord, dead_letter_ids
+from chatbus.testing.chaos import (
+    DurableRequester,
+    RequestRecord,
+    dead_letter_ids,
+    isolated_settings,
+)
 from chatbus.testing.cluster import RabbitCluster, RabbitNode, available
 from tests.support import model, user
 
@@ -33,14 +38,10 @@ async def cluster() -> AsyncIterator[RabbitCluster]:
 
 def on_cluster(cluster: RabbitCluster, fake: FakeOllama) -> Settings:
     prefix = f"cluster-{uuid.uuid4().hex[:8]}"
-    return Settings(
+    return isolated_settings(
+        prefix,
         rabbitmq_url=cluster.url,
         ollama_host=fake.url,
-        requests_queue=f"{prefix}.chat.requests",
-        replies_exchange=f"{prefix}.chat.replies",
-        cancel_exchange=f"{prefix}.chat.cancel",
-        dead_letter_queue=f"{prefix}.chat.requests.dlq",
-        models_queue=f"{prefix}.chat.models",
         connection_name=f"{prefix}-worker",
         prefetch=STREAMS,
         reconnect_interval=0.5,

@@ -140,4 +140,4 @@ async def test_the_worker_and_the_client_skip_an_address_that_is_down(
 async def test_a_client_with_no_address_answering_cannot_connect() -> None:
     client = ChatClient(f"{dead_address()},{dead_address()}")
     with pytest.raises(ConnectionError, match="no RabbitMQ address answered"):
-        await client.connect()
+        await client.connect(give_up_after=0)

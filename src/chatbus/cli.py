@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -22,6 +23,7 @@ from chatbus.conversation import Conversation
 from chatbus.dlq import DeadLetter, DeadLetterError, DeadLetterQueue, Outcome
 from chatbus.errors import ChatError
 from chatbus.settings import DEFAULT_RABBITMQ_URL, BusSettings
+from chatbus.startup import RabbitMQRefused
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -38,12 +40,26 @@ exit codes:
   {EXIT_INTERRUPTED} interrupted (Ctrl-C cancels the generation)"""
 
 
+DEFAULT_TIMEOUT = 300.0
+
+
+def _say_client_warnings() -> None:
+    """The client library's warnings (no worker consuming, ...) on stderr, as the CLI's."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("chatbus: %(message)s"))
+    client_logger = logging.getLogger("chatbus.client")
+    client_logger.addHandler(handler)
+    client_logger.setLevel(logging.WARNING)
+    client_logger.propagate = False
+
+
 class CliError(Exception):
     """Ends the command with a message and exit code 1."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _say_client_warnings()
     settings = BusSettings()
     try:
         return int(args.command(args, settings))
@@ -81,7 +97,20 @@ def _parser() -> argparse.ArgumentParser:
     request.add_argument(
         "--think-level", dest="think", choices=["low", "medium", "high"], help="think this hard"
     )
-    request.add_argument("--timeout", type=float, help="seconds before giving up (a deadline)")
+    request.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        help="seconds before giving up on an answer, also sent as the request's deadline "
+        f"so that no worker generates it later (default {DEFAULT_TIMEOUT:g}; 0: none)",
+    )
+    request.add_argument(
+        "--no-wait",
+        dest="wait_for_worker",
+        action="store_false",
+        help="fail at once when no worker consumes the requests (default: say so on "
+        "stderr and wait for one, up to the timeout)",
+    )
     request.add_argument("--json", action="store_true", help="print the raw events as JSON lines")
 
     ask = commands.add_parser(
@@ -200,7 +229,7 @@ def _ask(args: argparse.Namespace, settings: BusSettings) -> int:
 
 
 async def _ask_async(args: argparse.Namespace, settings: BusSettings, prompt: str) -> None:
-    async with _connected(settings, args.timeout) as client:
+    async with _connected(settings, args) as client:
         conversation = Conversation(client, system=args.system, **_fields(args))
         await Printer(json_lines=args.json).show(conversation.stream(prompt))
 
@@ -208,7 +237,7 @@ async def _ask_async(args: argparse.Namespace, settings: BusSettings, prompt: st
 def _chat(args: argparse.Namespace, settings: BusSettings) -> int:
     interactive = sys.stdin.isatty()
     with asyncio.Runner() as runner:
-        client = runner.run(_connect(settings, args.timeout))
+        client = runner.run(_connect(settings, args))
         conversation = Conversation(client, system=args.system, **_fields(args))
         try:
             while (line := _read_line(interactive)) is not None:
@@ -382,19 +411,26 @@ async def _dead_letters(settings: BusSettings) -> AsyncIterator[DeadLetterQueue]
 
 @contextlib.asynccontextmanager
 async def _connected(
-    settings: BusSettings, timeout: float | None = None
+    settings: BusSettings, args: argparse.Namespace | None = None
 ) -> AsyncIterator[ChatClient]:
-    client = await _connect(settings, timeout)
+    client = await _connect(settings, args)
     try:
         yield client
     finally:
         await client.close()
 
 
-async def _connect(settings: BusSettings, timeout: float | None) -> ChatClient:
-    client = ChatClient(settings.rabbitmq_url, names=settings.names, timeout=timeout)
+async def _connect(settings: BusSettings, args: argparse.Namespace | None) -> ChatClient:
+    """A connected client; the request options (timeout, waiting for a worker) from `args`
+    when the command sends requests."""
+    client = ChatClient(
+        settings.rabbitmq_url,
+        names=settings.names,
+        timeout=(args.timeout or None) if args else None,
+        wait_for_worker=args.wait_for_worker if args else True,
+    )
     with _connection_errors(settings):
-        await client.connect()
+        await client.connect(give_up_after=0)  # a person is waiting: say so at once
     return client
 
 
@@ -405,7 +441,7 @@ def _connection_errors(settings: BusSettings) -> Iterator[None]:
     except (OSError, AMQPConnectionError) as error:
         where = failover.shown(settings.rabbitmq_url)
         raise CliError(f"cannot connect to RabbitMQ at {where}: {error}") from None
-    except failover.ConfigurationError as error:
+    except (failover.ConfigurationError, RabbitMQRefused) as error:
         raise CliError(str(error)) from None
 
 

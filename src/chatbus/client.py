@@ -52,6 +52,7 @@ from chatbus.errors import (
     error_from_reply,
 )
 from chatbus.settings import DEFAULT_RABBITMQ_URL
+from chatbus.startup import until_rabbitmq_answers
 
 __all__ = ["ChatClient", "ChatEvent", "Messages", "RequestFields", "Restarted"]
 
@@ -127,6 +128,16 @@ class ChatClient:
     unless a deployment renamed them. `timeout` is the default of every call's own
     `timeout`: seconds until the request's deadline, which is also sent to the worker
     (header `x-deadline`) so that it stops working on an answer nobody waits for.
+
+    `connect` (and `async with`) waits for RabbitMQ: it tries again every
+    `reconnect_interval` seconds while RabbitMQ does not answer, logging a line at most
+    every few seconds, and raises `chatbus.startup.RabbitMQRefused` at once when RabbitMQ
+    refuses the configuration (login, virtual host, permissions).
+
+    Before each request the client looks whether a worker consumes the request queue. When
+    none does, it logs a warning (logger `chatbus.client`) and sends the request, which
+    waits in the queue for a worker until its deadline; with `wait_for_worker=False` it
+    raises `ServiceUnavailableError` instead, without sending it.
     """
 
     def __init__(
@@ -137,8 +148,10 @@ class ChatClient:
         timeout: float | None = None,
         connection_name: str | None = None,
         reconnect_interval: float = 1.0,
+        wait_for_worker: bool = True,
     ) -> None:
         self._url = rabbitmq_url
+        self._wait_for_worker = wait_for_worker
         self._names = names
         self._timeout = timeout
         self._connection_name = (
@@ -161,16 +174,25 @@ class ChatClient:
     ) -> None:
         await self.close()
 
-    async def connect(self) -> None:
+    async def connect(self, *, give_up_after: float | None = None) -> None:
         """Connect, declare the exchanges the requests need (as the worker does, so that
-        the client may start first) and start consuming the reply queue."""
-        connection = await failover.connect_robust(
-            self._url,
-            client_properties={"connection_name": self._connection_name},
-            reconnect_interval=self._reconnect_interval,
+        the client may start first) and start consuming the reply queue. While RabbitMQ
+        does not answer, try again every `reconnect_interval` seconds, for at most
+        `give_up_after` seconds (0: once) or, by default, until it does."""
+        connection = await until_rabbitmq_answers(
+            lambda: failover.connect_robust(
+                self._url,
+                client_properties={"connection_name": self._connection_name},
+                reconnect_interval=self._reconnect_interval,
+            ),
+            rabbitmq_url=self._url,
+            interval=self._reconnect_interval,
+            give_up_after=give_up_after,
         )
         connection.close_callbacks.add(self._on_connection_closed)
         channel = await connection.channel()
+        # Its own channel: a passive declare of a missing queue closes the channel.
+        self._probe = await connection.channel(publisher_confirms=False)
         self._replies_exchange = await _declare(channel, topology.replies_exchange(self._names))
         self._cancel_exchange = await _declare(channel, topology.cancel_exchange(self._names))
         self._replies = await channel.declare_queue(
@@ -232,10 +254,14 @@ class ChatClient:
         raise AssertionError("a reply stream ends with its terminal reply or raises")
 
     async def models(self, *, timeout: float = 30.0) -> list[ModelInfo]:
-        """The models Ollama has, as a worker sees them (a request on `chat.models`)."""
+        """The models Ollama has, as a worker sees them (a request on `chat.models`).
+        `ServiceUnavailableError` at once when no worker is up to answer."""
         call = self._call(uuid.uuid4().hex, timeout)
         try:
             async with call.within_timeout():
+                await self._look_for_workers(
+                    self._names.models_queue, call.correlation_id, wait=False
+                )
                 await self._publish(
                     b"{}",
                     self._names.models_queue,
@@ -265,6 +291,9 @@ class ChatClient:
         ended = False
         try:
             async with call.within_timeout():
+                await self._look_for_workers(
+                    self._names.requests_queue, correlation_id, wait=self._wait_for_worker
+                )
                 await self._replies.bind(self._replies_exchange, routing_key=correlation_id)
                 await self._publish(
                     request.model_dump_json(exclude_none=True).encode(),
@@ -338,6 +367,27 @@ class ChatClient:
                 retryable=True,
                 correlation_id=correlation_id,
             )
+
+    async def _look_for_workers(self, queue: str, correlation_id: str, *, wait: bool) -> None:
+        """Say at once when no worker consumes `queue`: log it when the request is to
+        `wait` for one, else raise ServiceUnavailableError (see the class)."""
+        try:
+            channel = await self._probe.get_underlay_channel()
+            declared = await channel.queue_declare(queue, passive=True)
+        except (aio_pika.exceptions.AMQPError, ChannelInvalidStateError):
+            return  # no such queue (the mandatory publish reports that), or no channel
+        if declared.consumer_count:
+            return
+        if not wait:
+            raise ServiceUnavailableError(
+                f"no worker consumes {queue!r}",
+                retryable=True,
+                correlation_id=correlation_id,
+            )
+        logger.warning(
+            "no worker consumes %r: the request waits there for one, until its deadline",
+            queue,
+        )
 
     async def _next(self, call: _Call) -> AbstractIncomingMessage:
         async with call.within_timeout():

@@ -122,7 +122,7 @@ def _no_address_answered(errors: list[tuple[URL, BaseException]]) -> BaseExcepti
             return error
     if len(errors) == 1:
         return errors[0][1]
-    tried = "; ".join(f"{_hidden(str(url))}: {error!r}" for url, error in errors)
+    tried = "; ".join(f"{url.host}:{url.port}: {error}" for url, error in errors)
     return ConnectionError(f"no RabbitMQ address answered ({tried})")
 
 

@@ -42,6 +42,8 @@ class Readiness:
         self._ollama_cache_seconds = ollama_cache_seconds
         self._ollama_result: tuple[float, str] | None = None
         self._ollama_lock = asyncio.Lock()
+        self.connecting = False
+        """True while the worker waits for RabbitMQ to answer at start-up."""
 
     async def check(self) -> dict[str, str]:
         """Each check's result: `"ok"`, or what is wrong."""
@@ -54,6 +56,8 @@ class Readiness:
         await self._http.aclose()
 
     async def _rabbitmq(self) -> str:
+        if self.connecting:
+            return "connecting"
         return OK if await self._broker.ping(self._timeout) else "no connection to RabbitMQ"
 
     async def _consumers(self) -> str:

@@ -35,6 +35,21 @@ from aiormq.abc import DeliveredMessage
 from chatbus import failover, topology
 from chatbus.contract import ContractNames
 from chatbus.dlq import DeadLetterQueue
+from chatbus.settings import Settings
+
+
+def isolated_settings(prefix: str, **values: Any) -> Settings:
+    """Worker settings whose queues and exchanges all have names of their own, starting
+    with `prefix`, so that a run disturbs no other on the same broker."""
+    return Settings(
+        requests_queue=f"{prefix}.chat.requests",
+        replies_exchange=f"{prefix}.chat.replies",
+        cancel_exchange=f"{prefix}.chat.cancel",
+        dead_letter_queue=f"{prefix}.chat.requests.dlq",
+        models_queue=f"{prefix}.chat.models",
+        **values,
+    )
+
 
 SEND_TIMEOUT = 10.0
 """Seconds a send may take (binding, publishing and the confirm), a reconnect included."""
