@@ -26,13 +26,22 @@ from yarl import URL
 from chatbus import startup
 from chatbus.client import ChatClient
 from chatbus.errors import DeadlineExceededError, ServiceUnavailableError
-from chatbus.failover import shown
+from chatbus.failover import FailoverRabbitBroker, shown
 from chatbus.service import EXIT_CONFIGURATION, create_app
 from chatbus.settings import Settings
 from chatbus.testing import FakeOllama, WorkerProcess, running_worker, settings_env
 from chatbus.testing.chaos import isolated_settings
 from chatbus.testing.cluster import RabbitCluster, available
-from tests.support import free_port, model, needs_rabbitmqctl, rabbitmqctl, requests_for
+from tests.support import (
+    Requester,
+    consumer_count,
+    free_port,
+    model,
+    needs_rabbitmqctl,
+    rabbitmqctl,
+    requests_for,
+    user,
+)
 
 MakeSettings = Callable[..., Settings]
 
@@ -216,6 +225,30 @@ async def until_logged(
     async with asyncio.timeout(10):
         while not any(matches(record) for record in caplog.records):  # noqa: ASYNC110
             await asyncio.sleep(0.05)
+
+
+async def test_a_connection_lost_while_the_subscribers_start_starts_them_again(
+    make_settings: MakeSettings,
+    monkeypatch: pytest.MonkeyPatch,
+    amqp: aio_pika.abc.AbstractRobustConnection,
+) -> None:
+    settings = make_settings()
+    starts = 0
+    real_start = FailoverRabbitBroker.start
+
+    async def start_then_lose_the_connection(broker: FailoverRabbitBroker) -> None:
+        nonlocal starts
+        starts += 1
+        await real_start(broker)
+        if starts == 1:
+            raise ConnectionResetError("the broker restarted while the subscribers started")
+
+    monkeypatch.setattr(FailoverRabbitBroker, "start", start_then_lose_the_connection)
+    async with running_worker(settings), Requester(amqp, settings) as requester:
+        consumers = await consumer_count(settings.rabbitmq_url, settings.requests_queue)
+        replies = await requester.chat(user())
+    assert (starts, consumers) == (2, 1)
+    assert replies[-1]["type"] == "done"
 
 
 # --- RabbitMQ 4 readiness -------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 from aiormq.exceptions import ChannelPreconditionFailed
 from faststream import AckPolicy
 from faststream.asgi import AsgiFastStream, AsyncAPIRoute
@@ -125,19 +126,35 @@ class WorkerApp(AsgiFastStream):
     async def _start_broker(self) -> None:
         # FastStream starts the broker here, once the startup hooks have run: under
         # uvicorn, the side channel is serving already.
-        self._readiness.connecting = True
         try:
-            await until_rabbitmq_answers(
-                self._connect,
-                rabbitmq_url=self._settings.rabbitmq_url,
-                interval=self._settings.reconnect_interval,
-            )
-            self._readiness.connecting = False
-            await super()._start_broker()
+            while not await self._started():
+                pass
         except Exception as error:
             if not self._serving:
                 raise
             await self._exit_for(error)
+
+    async def _started(self) -> bool:
+        """Connect when RabbitMQ answers, then start the subscribers; False when the
+        connection was lost in between (the broker restarting), with everything stopped
+        again, to start from the beginning."""
+        assert self.broker is not None
+        self._readiness.connecting = True
+        await until_rabbitmq_answers(
+            self._connect,
+            rabbitmq_url=self._settings.rabbitmq_url,
+            interval=self._settings.reconnect_interval,
+        )
+        self._readiness.connecting = False
+        try:
+            await super()._start_broker()
+        except (*CONNECTION_EXCEPTIONS, TimeoutError) as error:
+            if refusal(error) is not None:
+                raise
+            logger.warning("RabbitMQ went away while the worker started (%s): again", error)
+            await self.broker.stop()
+            return False
+        return True
 
     async def _connect(self) -> None:
         """Connect, and declare what must exist before consuming starts."""
