@@ -22,6 +22,18 @@ from typing import ClassVar
 
 from chatbus.contract import ErrorCode, ErrorReply
 
+MAX_MESSAGE_CHARS = 1000
+"""An error's message is cut to this length: it is sent in replies and logged, and may
+quote what a requester (or Ollama, quoting the request) sent."""
+
+
+def shortened(text: str, chars: int = 40) -> str:
+    """`text` as a message may quote it: whole when short, else its first `chars`
+    characters and its length, so that a hostile value is never echoed at length."""
+    if len(text) <= chars:
+        return text
+    return f"{text[:chars]}… ({len(text)} characters)"
+
 
 class ChatError(Exception):
     """A chat request ended in an error. `retryable` says whether sending the same request
@@ -30,6 +42,7 @@ class ChatError(Exception):
     code: ClassVar[str]
 
     def __init__(self, message: str, *, retryable: bool, correlation_id: str | None = None) -> None:
+        message = shortened(message, MAX_MESSAGE_CHARS)
         super().__init__(message)
         self.message = message
         self.retryable = retryable

@@ -13,27 +13,28 @@ from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
 
 from chatbus.contract import DEADLINE_HEADER, ChatRequest
-from chatbus.errors import InvalidRequestError
+from chatbus.errors import InvalidRequestError, shortened
 from chatbus.settings import Limits
 
 __all__ = ["RecentCancels", "delivery_attempt", "parse_request", "request_deadline"]
+
+_UTF8 = frozenset({"utf-8", "utf8"})
+_ERRORS_SHOWN = 3
+"""Of a body's schema violations, the first few are named (there may be thousands)."""
 
 
 def parse_request(
     body: bytes, content_type: str | None, limits: Limits, default_model: str
 ) -> ChatRequest:
     """The request in `body`; raises `InvalidRequestError` naming what is wrong."""
-    if content_type not in (None, "", "application/json"):
-        raise _invalid(f"content type must be application/json, got {content_type!r}")
+    if content_type:
+        _check_content_type(content_type)
     _check_limit("request size in bytes", len(body), "max_request_bytes", limits)
     try:
         request = ChatRequest.model_validate(json.loads(body))
     except (ValueError, TypeError) as error:
         detail = (
-            "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}"
-                for e in error.errors()
-            )
+            _violations(error)
             if isinstance(error, ValidationError)
             else f"body is not valid JSON: {error}"
         )
@@ -52,9 +53,32 @@ def parse_request(
             limits,
         )
     model = request.model or default_model
+    _check_limit("model name length in characters", len(model), "max_model_chars", limits)
     if limits.allowed_models and model not in limits.allowed_models:
-        raise _invalid(f"model {model!r} is not in allowed_models")
+        raise _invalid(f"model {shortened(model)!r} is not in allowed_models")
     return request
+
+
+def _check_content_type(content_type: str) -> None:
+    """JSON in UTF-8: the media type in any case, parameters allowed (many AMQP clients add
+    a charset); only a charset other than UTF-8 is refused."""
+    media_type, *parameters = content_type.split(";")
+    if media_type.strip().lower() != "application/json":
+        raise _invalid(f"content type must be application/json, got {shortened(content_type)!r}")
+    for parameter in parameters:
+        name, _, value = parameter.partition("=")
+        charset = value.strip().strip('"')
+        if name.strip().lower() == "charset" and charset.lower() not in _UTF8:
+            raise _invalid(f"charset {shortened(charset)!r} is not supported: send UTF-8")
+
+
+def _violations(error: ValidationError) -> str:
+    shown = [
+        f"{shortened('.'.join(str(p) for p in e['loc']) or 'body')}: {e['msg']}"
+        for e in error.errors()[:_ERRORS_SHOWN]
+    ]
+    more = error.error_count() - len(shown)
+    return "; ".join(shown) + (f" (and {more} more)" if more else "")
 
 
 def _check_limit(what: str, value: int, limit_name: str, limits: Limits) -> None:
@@ -98,7 +122,9 @@ def _epoch_seconds(header: object) -> float:
     if isinstance(header, bytes | str):
         with contextlib.suppress(ValueError):
             return float(header)
-    raise _invalid(f"header {DEADLINE_HEADER} must be Unix epoch seconds, got {header!r}")
+    raise _invalid(
+        f"header {DEADLINE_HEADER} must be Unix epoch seconds, got {shortened(repr(header))}"
+    )
 
 
 class RecentCancels:

@@ -67,6 +67,8 @@ class Limits:
     max_messages: int = 500
     max_num_predict: int = 4096
     """Also applied when a request sets no num_predict (Ollama's default is no limit)."""
+    max_model_chars: int = 256
+    """The model name is echoed in replies and logs."""
     allowed_models: tuple[str, ...] = ()
     """If not empty, the only models requests may name."""
 
@@ -149,6 +151,7 @@ class Settings(BusSettings):
     max_prompt_chars: int = Field(default=Limits.max_prompt_chars, ge=1)
     max_messages: int = Field(default=Limits.max_messages, ge=1)
     max_num_predict: int = Field(default=Limits.max_num_predict, ge=1)
+    max_model_chars: int = Field(default=Limits.max_model_chars, ge=1)
     allowed_models: list[str] = Field(default_factory=list)
 
     http_host: str = Field(
@@ -203,5 +206,6 @@ class Settings(BusSettings):
             max_prompt_chars=self.max_prompt_chars,
             max_messages=self.max_messages,
             max_num_predict=self.max_num_predict,
+            max_model_chars=self.max_model_chars,
             allowed_models=tuple(self.allowed_models),
         )

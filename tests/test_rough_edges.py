@@ -1,0 +1,124 @@
+"""Rough edges a new user hits (issue 15), checked without a broker: content types,
+free-text fields that are echoed or logged, settings that cannot work, and what the client
+refuses before it sends anything."""
+
+import json
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from chatbus.errors import InvalidRequestError
+from chatbus.intake import parse_request
+from chatbus.settings import Limits
+
+SHORT_ECHO = 120
+"""No error message may echo more of a hostile value than a short prefix."""
+PREFIX_CHARS = 40
+
+
+def body(**fields: Any) -> bytes:
+    return json.dumps({"messages": [{"role": "user", "content": "hi"}], **fields}).encode()
+
+
+# --- 1. content types -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "application/json; charset=utf-8",
+        "application/json;charset=UTF-8",
+        'application/json; charset="utf-8"',
+        "APPLICATION/JSON",
+        "Application/Json ; charset=utf8",
+    ],
+)
+def test_json_is_accepted_whatever_its_case_and_with_a_utf8_charset(content_type: str) -> None:
+    request = parse_request(body(), content_type, Limits(), "llama3.2")
+
+    assert request.messages[0].content == "hi"
+
+
+def test_a_charset_other_than_utf8_is_refused_by_name() -> None:
+    with pytest.raises(InvalidRequestError, match="charset 'latin-1' is not supported"):
+        parse_request(body(), "application/json; charset=latin-1", Limits(), "llama3.2")
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/jsonx", "json"])
+def test_other_media_types_are_refused(content_type: str) -> None:
+    with pytest.raises(InvalidRequestError, match="content type must be application/json"):
+        parse_request(body(), content_type, Limits(), "llama3.2")
+
+
+# --- 4. nothing long is echoed -----------------------------------------------------------------
+
+
+def test_a_model_name_over_max_model_chars_is_refused_without_being_echoed() -> None:
+    name = "m" * 900_000
+
+    with pytest.raises(InvalidRequestError) as raised:
+        parse_request(body(model=name), "application/json", Limits(), "llama3.2")
+
+    assert "max_model_chars=256" in raised.value.message
+    assert len(raised.value.message) < SHORT_ECHO
+
+
+def test_max_model_chars_is_a_setting() -> None:
+    from chatbus.settings import Settings
+
+    limits = Settings(max_model_chars=8).limits
+
+    parse_request(body(model="m" * 8), None, limits, "llama3.2")
+    with pytest.raises(InvalidRequestError, match="max_model_chars=8"):
+        parse_request(body(model="m" * 9), None, limits, "llama3.2")
+
+
+@pytest.mark.parametrize(
+    ("raw", "content_type"),
+    [
+        (body(), "x" * 250),  # AMQP caps the content type at 255 bytes
+        (body(), "application/json; charset=" + "x" * 200),
+        (json.dumps({"messages": [], "x" * 100_000: 1}).encode(), None),
+        (body(model="x" * 200), None),
+    ],
+)
+def test_an_invalid_request_is_never_echoed_at_length(raw: bytes, content_type: str) -> None:
+    limits = Limits(allowed_models=("llama3.2",))
+    with pytest.raises(InvalidRequestError) as raised:
+        parse_request(raw, content_type, limits, "llama3.2")
+
+    assert "x" * PREFIX_CHARS in raised.value.message
+    assert "x" * (PREFIX_CHARS + 1) not in raised.value.message
+
+
+def test_thousands_of_schema_violations_are_counted_not_listed() -> None:
+    raw = json.dumps({"messages": [{"role": "robot"}] * 400, "extra": 1}).encode()
+
+    with pytest.raises(InvalidRequestError) as raised:
+        parse_request(raw, None, Limits(), "llama3.2")
+
+    assert raised.value.message.startswith("messages.0.role: Input should be")
+    assert raised.value.message.endswith("(and 398 more)")
+
+
+def test_the_error_message_of_a_long_deadline_header_shows_only_a_prefix() -> None:
+    from chatbus.intake import request_deadline
+
+    message = SimpleNamespace(headers={"x-deadline": "soon" * 10_000}, expiration=None)
+
+    with pytest.raises(InvalidRequestError) as raised:
+        request_deadline(message)  # type: ignore[arg-type]
+
+    assert "x-deadline" in raised.value.message
+    assert len(raised.value.message) < SHORT_ECHO
+
+
+def test_no_error_message_is_longer_than_a_screen() -> None:
+    from chatbus.errors import UpstreamError
+
+    error = UpstreamError("Ollama failed: " + "x" * 1_000_000, retryable=True)
+
+    assert error.message.startswith("Ollama failed: xxx")
+    assert len(error.message) < 1100
+    assert "1000015 characters" in error.message
