@@ -7,10 +7,11 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
-from chatbus.errors import InvalidRequestError
-from chatbus.intake import parse_request
-from chatbus.settings import Limits
+from chatbus.errors import InvalidRequestError, UpstreamError
+from chatbus.intake import parse_request, request_deadline
+from chatbus.settings import BusSettings, Limits, Settings, settings_problems
 
 SHORT_ECHO = 120
 """No error message may echo more of a hostile value than a short prefix."""
@@ -65,8 +66,6 @@ def test_a_model_name_over_max_model_chars_is_refused_without_being_echoed() -> 
 
 
 def test_max_model_chars_is_a_setting() -> None:
-    from chatbus.settings import Settings
-
     limits = Settings(max_model_chars=8).limits
 
     parse_request(body(model="m" * 8), None, limits, "llama3.2")
@@ -103,8 +102,6 @@ def test_thousands_of_schema_violations_are_counted_not_listed() -> None:
 
 
 def test_the_error_message_of_a_long_deadline_header_shows_only_a_prefix() -> None:
-    from chatbus.intake import request_deadline
-
     message = SimpleNamespace(headers={"x-deadline": "soon" * 10_000}, expiration=None)
 
     with pytest.raises(InvalidRequestError) as raised:
@@ -115,10 +112,52 @@ def test_the_error_message_of_a_long_deadline_header_shows_only_a_prefix() -> No
 
 
 def test_no_error_message_is_longer_than_a_screen() -> None:
-    from chatbus.errors import UpstreamError
-
     error = UpstreamError("Ollama failed: " + "x" * 1_000_000, retryable=True)
 
     assert error.message.startswith("Ollama failed: xxx")
     assert len(error.message) < 1100
     assert "1000015 characters" in error.message
+
+
+# --- 2. RABBITMQ_URL ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("localhost:5672", "must start with amqp:// or amqps://"),
+        ("notaurl", "must start with amqp:// or amqps://"),
+        ("amqp:/localhost", "must start with amqp:// or amqps://"),
+        ("http://guest:secret@localhost/", "must start with amqp:// or amqps://"),
+        ("amqp://guest:secret@:5672/", "has no host"),
+        ("amqp://guest:secret@localhost:port/", "has a port that is not a number"),
+        ("amqp://guest:secret@localhost:99999/", "has a port that is not a number"),
+        ("amqp://guest:secret@rabbit-1/,", "address 2 is empty"),
+        ("amqp://guest:secret@rabbit-1/,rabbit-2:x", "address 2 has a port that is not"),
+        ("amqp://guest:secret@rabbit-1/,guest:secret@rabbit-2", "address 2 must be a whole URL"),
+        ("amqp://guest:secret@rabbit-1/,rabbit-2/vhost", "address 2 must be a whole URL"),
+    ],
+)
+def test_a_malformed_rabbitmq_url_is_named_without_its_password(url: str, problem: str) -> None:
+    with pytest.raises(ValidationError) as raised:
+        BusSettings(rabbitmq_url=url)
+
+    line = settings_problems(raised.value)
+    assert line.startswith(f"RABBITMQ_URL: {problem}")
+    assert "\n" not in line
+    assert "secret" not in line
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "amqp://guest:guest@localhost:5672/",
+        "amqps://user:pw@rabbit.example.com/prod",
+        "amqp://localhost",
+        "amqp://[::1]:5672/%2F",
+        "amqp://guest:guest@rabbit-1:5672/,rabbit-2:5672,rabbit-3",
+        "amqp://guest:guest@rabbit-1/,amqps://other:pw@rabbit-2:5671/",
+    ],
+)
+def test_usable_rabbitmq_urls_are_accepted(url: str) -> None:
+    assert BusSettings(rabbitmq_url=url).rabbitmq_url == url

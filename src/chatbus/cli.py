@@ -14,13 +14,14 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from aio_pika.exceptions import AMQPConnectionError
+from pydantic import ValidationError
 from yarl import URL
 
 from chatbus.client import ChatClient, ChatEvent, RequestFields, Restarted
 from chatbus.contract import DoneReply, ModelInfo
 from chatbus.conversation import Conversation
 from chatbus.errors import ChatError
-from chatbus.settings import DEFAULT_RABBITMQ_URL, BusSettings
+from chatbus.settings import DEFAULT_RABBITMQ_URL, BusSettings, settings_problems
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -32,8 +33,8 @@ settings, from the environment or .env, as the service reads them:
   REQUESTS_QUEUE, REPLIES_EXCHANGE, CANCEL_EXCHANGE, MODELS_QUEUE
                      default: the contract's names
 exit codes:
-  0 done, {EXIT_ERROR} the request failed or RabbitMQ is unreachable, {EXIT_USAGE} bad arguments,
-  {EXIT_INTERRUPTED} interrupted (Ctrl-C cancels the generation)"""
+  0 done, {EXIT_ERROR} the request failed, RabbitMQ is unreachable or a setting is invalid,
+  {EXIT_USAGE} bad arguments, {EXIT_INTERRUPTED} interrupted (Ctrl-C cancels the generation)"""
 
 
 class CliError(Exception):
@@ -42,7 +43,15 @@ class CliError(Exception):
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    settings = BusSettings()
+    worker_command: bool = args.command is _worker
+    if worker_command:
+        # The worker reads settings of its own, and exits 2 when they cannot work.
+        return _worker()
+    try:
+        settings = BusSettings()
+    except ValidationError as error:
+        print(f"chatbus: {settings_problems(error)}", file=sys.stderr)
+        return EXIT_ERROR
     try:
         return int(args.command(args, settings))
     except (ChatError, CliError) as error:
@@ -122,7 +131,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _worker(args: argparse.Namespace, settings: BusSettings) -> int:
+def _worker() -> int:
     # Imported here: the service's metrics and tracing would slow every other command.
     from chatbus.service import app_from_environment
 

@@ -9,6 +9,7 @@ AsyncAPI page.
 import logging
 import signal
 import socket
+import sys
 import uuid
 from typing import Any
 
@@ -18,6 +19,7 @@ from faststream.rabbit import Channel, RabbitBroker, RabbitQueue
 from faststream.rabbit.annotations import RabbitMessage
 from opentelemetry import trace
 from prometheus_client import make_asgi_app
+from pydantic import ValidationError
 from yarl import URL
 
 from chatbus import topology
@@ -33,12 +35,15 @@ from chatbus.observability import (
     prometheus_middleware,
     telemetry_middleware,
 )
-from chatbus.settings import Settings
+from chatbus.settings import Settings, settings_problems
 from chatbus.upstream import create_ollama_client
 from chatbus.worker import ChatWorker
 
 # `app` too, built on first use (see `__getattr__` below).
-__all__ = ["WorkerApp", "app_from_environment", "create_app"]
+__all__ = ["EXIT_BAD_SETTINGS", "WorkerApp", "app_from_environment", "create_app"]
+
+EXIT_BAD_SETTINGS = 2
+"""The worker's exit status when its settings cannot work (it exits at once)."""
 
 
 async def _keep_body_raw(message: RabbitMessage) -> bytes:
@@ -188,8 +193,13 @@ def create_app(settings: Settings) -> WorkerApp:
 
 
 def app_from_environment() -> WorkerApp:
-    """The worker as the environment (and `.env`) configures it, logging included."""
-    settings = Settings()
+    """The worker as the environment (and `.env`) configures it, logging included. Settings
+    that cannot work end the process at once, with one line on stderr naming them."""
+    try:
+        settings = Settings()
+    except ValidationError as error:
+        print(f"chatbus worker: {settings_problems(error)}", file=sys.stderr)
+        sys.exit(EXIT_BAD_SETTINGS)
     configure_logging(settings.log_level, settings.log_format)
     return create_app(settings)
 

@@ -12,8 +12,10 @@ import socket
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from yarl import URL
 
 from chatbus.contract import NAMES, ContractNames
 
@@ -88,6 +90,14 @@ class BusSettings(BaseSettings):
     dead_letter_queue: str = NAMES.dead_letter_queue
     models_queue: str = NAMES.models_queue
 
+    @field_validator("rabbitmq_url")
+    @classmethod
+    def _usable_url(cls, url: str) -> str:
+        problem = rabbitmq_url_problem(url)
+        if problem:
+            raise PydanticCustomError("rabbitmq_url", problem)
+        return url
+
     @property
     def names(self) -> ContractNames:
         return ContractNames(
@@ -97,6 +107,37 @@ class BusSettings(BaseSettings):
             dead_letter_queue=self.dead_letter_queue,
             models_queue=self.models_queue,
         )
+
+
+def rabbitmq_url_problem(url: str) -> str | None:
+    """What makes `RABBITMQ_URL` unusable, or None. It holds one URL, or several
+    comma-separated addresses of a cluster's nodes: the first a whole URL, each other one a
+    URL or only `host[:port]`. The value is not quoted back: it may hold a password."""
+    entries = [entry.strip() for entry in url.split(",")]
+    for number, entry in enumerate(entries, start=1):
+        where = f"address {number} " if len(entries) > 1 else ""
+        if not entry:
+            return f"{where}is empty"
+        host_and_port = number > 1 and "://" not in entry
+        try:
+            parsed = URL(f"amqp://{entry}" if host_and_port else entry)
+        except ValueError:
+            return f"{where}has a port that is not a number from 0 to 65535"
+        if host_and_port and (parsed.user is not None or parsed.path not in ("", "/")):
+            return f"{where}must be a whole URL or only host[:port]"
+        if parsed.scheme not in ("amqp", "amqps") or "://" not in str(parsed):
+            return f"{where}must start with amqp:// or amqps://, like {DEFAULT_RABBITMQ_URL}"
+        if not parsed.host:
+            return f"{where}has no host: amqp://[USER:PASSWORD@]HOST[:PORT]/[VHOST]"
+    return None
+
+
+def settings_problems(error: ValidationError) -> str:
+    """A failed settings validation in one line, each problem under its variable's name."""
+    return "; ".join(
+        f"{'.'.join(str(part) for part in problem['loc']).upper()}: {problem['msg']}"
+        for problem in error.errors()
+    )
 
 
 class Settings(BusSettings):
