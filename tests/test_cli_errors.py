@@ -4,11 +4,13 @@ on stderr that says what is wrong, never a traceback or a retry loop."""
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
+from yarl import URL
 
-from tests.support import REPO_ROOT
+from tests.support import REPO_ROOT, free_port
 
 CHATBUS = str(Path(sys.executable).with_name("chatbus"))
 BAD_URLS = ["localhost:5672", "notaurl", "amqp:/localhost", "amqp://guest:secret@host:port/"]
@@ -67,4 +69,54 @@ def test_the_worker_refuses_a_malformed_rabbitmq_url_in_one_line_with_status_2(
     assert line == (
         "chatbus worker: RABBITMQ_URL: must start with amqp:// or amqps://, "
         "like amqp://guest:guest@localhost:5672/"
+    )
+
+
+def test_a_refused_port_is_one_line_without_the_librarys_own(tmp_path: Path) -> None:
+    url = f"amqp://guest:secret@127.0.0.1:{free_port()}/"
+
+    code, stderr = run([CHATBUS, "ask", "hi"], tmp_path, RABBITMQ_URL=url)
+
+    assert code == 1
+    line = one_line(stderr)
+    assert line.startswith("chatbus: cannot connect to RabbitMQ at amqp://guest:******@127.0.0.1")
+
+
+def test_a_virtual_host_that_does_not_exist_is_named_in_one_line(
+    rabbitmq_url: str, tmp_path: Path
+) -> None:
+    vhost = f"no-such-vhost-{uuid.uuid4().hex[:8]}"
+    url = str(URL(rabbitmq_url).with_path(f"/{vhost}"))
+
+    code, stderr = run([CHATBUS, "ask", "hi"], tmp_path, RABBITMQ_URL=url)
+
+    assert code == 1
+    line = one_line(stderr)
+    assert line.startswith("chatbus: RabbitMQ at ")
+    assert f"refused virtual host '{vhost}': it does not exist, or user " in line
+
+
+@pytest.mark.parametrize("locale", ["C.UTF-8", "C"])
+def test_input_that_is_not_utf8_is_refused_in_one_line(
+    rabbitmq_url: str, tmp_path: Path, locale: str
+) -> None:
+    code, stderr = run(
+        [CHATBUS, "ask"], tmp_path, stdin=b"caf\xe9", RABBITMQ_URL=rabbitmq_url, LC_ALL=locale
+    )
+
+    assert code == 1
+    assert one_line(stderr).startswith(
+        "chatbus: invalid_request: the request holds text that is not valid UTF-8"
+    )
+
+
+def test_a_schema_violation_from_the_command_line_is_one_line(
+    rabbitmq_url: str, tmp_path: Path
+) -> None:
+    code, stderr = run([CHATBUS, "ask", "--model", "", "hi"], tmp_path, RABBITMQ_URL=rabbitmq_url)
+
+    assert code == 1
+    assert (
+        one_line(stderr)
+        == "chatbus: invalid_request: model: String should have at least 1 character"
     )

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from chatbus.client import ChatClient
 from chatbus.errors import InvalidRequestError, UpstreamError
 from chatbus.intake import parse_request, request_deadline
 from chatbus.settings import BusSettings, Limits, Settings, settings_problems
@@ -161,3 +162,28 @@ def test_a_malformed_rabbitmq_url_is_named_without_its_password(url: str, proble
 )
 def test_usable_rabbitmq_urls_are_accepted(url: str) -> None:
     assert BusSettings(rabbitmq_url=url).rabbitmq_url == url
+
+
+# --- 3. the client refuses what it cannot send, in one line --------------------------------------
+
+
+async def test_the_client_refuses_text_that_is_not_utf8_before_sending_anything() -> None:
+    client = ChatClient("amqp://guest:guest@127.0.0.1:1/")  # never connected
+
+    with pytest.raises(InvalidRequestError, match="not valid UTF-8") as raised:
+        await client.chat("caf\udce9")  # b"caf\xe9" as Python decodes arguments
+    with pytest.raises(InvalidRequestError, match="not valid UTF-8"):
+        client.stream([{"role": "user", "content": "hi"}], options={"stop": ["\udce9"]})
+
+    assert raised.value.retryable is False
+
+
+def test_the_clients_schema_violations_are_one_line() -> None:
+    client = ChatClient("amqp://guest:guest@127.0.0.1:1/")
+
+    with pytest.raises(InvalidRequestError) as raised:
+        client.stream([{"role": "robot", "content": "hi"}] * 5, model="")
+
+    assert "\n" not in raised.value.message
+    assert raised.value.message.startswith("messages.0.role: Input should be ")
+    assert raised.value.message.endswith("(and 3 more)")

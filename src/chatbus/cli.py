@@ -7,13 +7,16 @@ from the environment or a `.env` file.
 import argparse
 import asyncio
 import contextlib
+import io
 import json
+import logging
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from aio_pika.exceptions import AMQPConnectionError
+from aiormq.exceptions import InvalidFrameError
 from pydantic import ValidationError
 from yarl import URL
 
@@ -52,6 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as error:
         print(f"chatbus: {settings_problems(error)}", file=sys.stderr)
         return EXIT_ERROR
+    _for_people()
     try:
         return int(args.command(args, settings))
     except (ChatError, CliError) as error:
@@ -60,6 +64,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nchatbus: cancelled", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _for_people() -> None:
+    """Every failure reaches the user as one line of this command's own. The libraries'
+    log lines (aiormq's "error when creating transport", aio-pika's reconnect attempts)
+    would only repeat it, with less to act on; the client's own warnings get our prefix.
+    Input that is not UTF-8 is read as the command line is (surrogateescape), so that the
+    client refuses it in one line instead of the read failing with a traceback."""
+    logging.basicConfig(format="chatbus: %(message)s", level=logging.WARNING)
+    for library in ("aiormq", "aio_pika"):
+        logging.getLogger(library).propagate = False
+        logging.getLogger(library).addHandler(logging.NullHandler())
+    if isinstance(sys.stdin, io.TextIOWrapper):
+        sys.stdin.reconfigure(errors="surrogateescape")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -273,11 +291,27 @@ async def _connect(settings: BusSettings, timeout: float | None) -> ChatClient:
     client = ChatClient(settings.rabbitmq_url, names=settings.names, timeout=timeout)
     try:
         await client.connect()
-    except (OSError, AMQPConnectionError) as error:
+    except (OSError, AMQPConnectionError, InvalidFrameError) as error:
         url = URL(settings.rabbitmq_url)
         shown = url.with_password("******") if url.password else url
+        if isinstance(error, InvalidFrameError):
+            if "Connection.OpenOk" not in str(error):
+                raise
+            # RabbitMQ closed the connection in answer to opening the virtual host; aiormq
+            # keeps only that, not the broker's words ("vhost ... not found", or "access
+            # to vhost ... refused").
+            raise CliError(
+                f"RabbitMQ at {shown} refused virtual host {_vhost(url)!r}: it does not "
+                f"exist, or user {url.user or 'guest'!r} may not use it (see rabbitmqctl "
+                "list_vhosts, list_permissions)"
+            ) from None
         raise CliError(f"cannot connect to RabbitMQ at {shown}: {error}") from None
     return client
+
+
+def _vhost(url: URL) -> str:
+    """The virtual host as aiormq names it: the path without its first slash, or "/"."""
+    return url.path[1:] or "/"
 
 
 class Printer:

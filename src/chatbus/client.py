@@ -30,6 +30,7 @@ from aiormq.abc import DeliveredMessage
 from aiormq.exceptions import ChannelInvalidStateError
 from faststream.rabbit import RabbitExchange
 from pydantic import BaseModel, ValidationError
+from pydantic_core import PydanticSerializationError
 
 from chatbus import topology
 from chatbus.contract import (
@@ -51,6 +52,7 @@ from chatbus.errors import (
     InvalidRequestError,
     ServiceUnavailableError,
     error_from_reply,
+    violations,
 )
 from chatbus.settings import DEFAULT_RABBITMQ_URL
 
@@ -252,7 +254,7 @@ class ChatClient:
         return answer.models
 
     async def _exchange(
-        self, request: ChatRequest, timeout: float | None, correlation_id: str | None
+        self, request: bytes, timeout: float | None, correlation_id: str | None
     ) -> AsyncGenerator[ChatEvent, None]:
         timeout = self._timeout if timeout is None else timeout
         call = self._call(correlation_id or uuid.uuid4().hex, timeout)
@@ -266,7 +268,7 @@ class ChatClient:
             async with call.within_timeout():
                 await self._replies.bind(self._replies_exchange, routing_key=correlation_id)
                 await self._publish(
-                    request.model_dump_json(exclude_none=True).encode(),
+                    request,
                     self._names.requests_queue,
                     correlation_id,
                     headers=headers,
@@ -398,13 +400,28 @@ async def _declare(channel: AbstractRobustChannel, exchange: RabbitExchange) -> 
     )
 
 
-def _request(messages: Messages, *, stream: bool, **fields: Unpack[RequestFields]) -> ChatRequest:
+def _request(messages: Messages, *, stream: bool, **fields: Unpack[RequestFields]) -> bytes:
+    """The request's body; raises `InvalidRequestError` before anything is sent when it
+    breaks the schema or cannot be JSON."""
     if isinstance(messages, str):
         messages = [ChatMessage(role="user", content=messages)]
     try:
-        return ChatRequest.model_validate({"messages": list(messages), "stream": stream, **fields})
+        request = ChatRequest.model_validate(
+            {"messages": list(messages), "stream": stream, **fields}
+        )
+        return request.model_dump_json(exclude_none=True).encode()
     except ValidationError as error:
-        raise InvalidRequestError(str(error), retryable=False) from None
+        raise InvalidRequestError(violations(error), retryable=False) from None
+    except PydanticSerializationError as error:
+        # Lone surrogates: bytes that were not UTF-8, decoded with surrogateescape (as
+        # Python decodes command-line arguments, and standard input in the C locale).
+        problem = (
+            "the request holds text that is not valid UTF-8: convert it to UTF-8 first "
+            "(iconv -f ENCODING -t UTF-8)"
+            if "surrogates not allowed" in str(error)
+            else f"the request cannot be sent as JSON: {error}"
+        )
+        raise InvalidRequestError(problem, retryable=False) from None
 
 
 def _parse_reply(message: AbstractIncomingMessage) -> ChunkReply | DoneReply | ErrorReply | None:

@@ -20,6 +20,8 @@ ChatError                      code, message, retryable, correlation_id
 
 from typing import ClassVar
 
+from pydantic import ValidationError
+
 from chatbus.contract import ErrorCode, ErrorReply
 
 MAX_MESSAGE_CHARS = 1000
@@ -33,6 +35,17 @@ def shortened(text: str, chars: int = 40) -> str:
     if len(text) <= chars:
         return text
     return f"{text[:chars]}… ({len(text)} characters)"
+
+
+def violations(error: ValidationError, shown: int = 3) -> str:
+    """A request's schema violations in one line: the first `shown` by where they are,
+    then how many more (a hostile body may have thousands)."""
+    named = [
+        f"{shortened('.'.join(str(part) for part in e['loc']) or 'body')}: {e['msg']}"
+        for e in error.errors()[:shown]
+    ]
+    more = error.error_count() - len(named)
+    return "; ".join(named) + (f" (and {more} more)" if more else "")
 
 
 class ChatError(Exception):

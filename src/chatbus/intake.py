@@ -13,14 +13,12 @@ from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
 
 from chatbus.contract import DEADLINE_HEADER, ChatRequest
-from chatbus.errors import InvalidRequestError, shortened
+from chatbus.errors import InvalidRequestError, shortened, violations
 from chatbus.settings import Limits
 
 __all__ = ["RecentCancels", "delivery_attempt", "parse_request", "request_deadline"]
 
 _UTF8 = frozenset({"utf-8", "utf8"})
-_ERRORS_SHOWN = 3
-"""Of a body's schema violations, the first few are named (there may be thousands)."""
 
 
 def parse_request(
@@ -34,7 +32,7 @@ def parse_request(
         request = ChatRequest.model_validate(json.loads(body))
     except (ValueError, TypeError) as error:
         detail = (
-            _violations(error)
+            violations(error)
             if isinstance(error, ValidationError)
             else f"body is not valid JSON: {error}"
         )
@@ -70,15 +68,6 @@ def _check_content_type(content_type: str) -> None:
         charset = value.strip().strip('"')
         if name.strip().lower() == "charset" and charset.lower() not in _UTF8:
             raise _invalid(f"charset {shortened(charset)!r} is not supported: send UTF-8")
-
-
-def _violations(error: ValidationError) -> str:
-    shown = [
-        f"{shortened('.'.join(str(p) for p in e['loc']) or 'body')}: {e['msg']}"
-        for e in error.errors()[:_ERRORS_SHOWN]
-    ]
-    more = error.error_count() - len(shown)
-    return "; ".join(shown) + (f" (and {more} more)" if more else "")
 
 
 def _check_limit(what: str, value: int, limit_name: str, limits: Limits) -> None:
