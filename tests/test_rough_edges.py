@@ -9,7 +9,9 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from chatbus import topology
 from chatbus.client import ChatClient
+from chatbus.contract import NAMES
 from chatbus.errors import InvalidRequestError, UpstreamError
 from chatbus.intake import parse_request, request_deadline
 from chatbus.settings import BusSettings, Limits, Settings, settings_problems
@@ -187,3 +189,34 @@ def test_the_clients_schema_violations_are_one_line() -> None:
     assert "\n" not in raised.value.message
     assert raised.value.message.startswith("messages.0.role: Input should be ")
     assert raised.value.message.endswith("(and 3 more)")
+
+
+# --- 5. bounded queues -------------------------------------------------------------------------
+
+
+def test_queue_bounds_are_settings_and_left_out_of_the_arguments_when_unset(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    unbounded = Settings()
+    assert topology.requests_queue(NAMES, 5, unbounded.queue_bounds).arguments == (
+        topology.requests_queue(NAMES, 5).arguments
+    )
+    assert "x-max-length" not in (topology.requests_queue(NAMES, 5).arguments or {})
+    assert topology.dead_letter_queue(NAMES).arguments == {"x-queue-type": "quorum"}
+
+    for name, value in [
+        ("MAX_QUEUED_REQUESTS", "10000"),
+        ("MAX_QUEUED_BYTES", "50000000"),
+        ("DLQ_MAX_LENGTH", "1000"),
+        ("DLQ_MAX_AGE", "86400"),
+    ]:
+        monkeypatch.setenv(name, value)
+    bounds = Settings().queue_bounds
+
+    requests = topology.requests_queue(NAMES, 5, bounds).arguments or {}
+    assert requests["x-max-length"] == 10_000
+    assert requests["x-max-length-bytes"] == 50_000_000
+    assert requests["x-overflow"] == "reject-publish"
+    dead_letters = topology.dead_letter_queue(NAMES, bounds).arguments or {}
+    assert dead_letters["x-max-length"] == 1000
+    assert dead_letters["x-message-ttl"] == 86_400_000

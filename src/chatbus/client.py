@@ -322,17 +322,26 @@ class ChatClient:
     async def _publish(
         self, body: bytes, queue: str, correlation_id: str, **properties: Any
     ) -> None:
-        """Publish to a queue, mandatory: a queue that does not exist means no worker."""
-        confirmation = await self._channel.default_exchange.publish(
-            aio_pika.Message(
-                body,
-                content_type="application/json",
+        """Publish to a queue, mandatory: a queue that does not exist means no worker. A
+        publish the broker refuses (nack) means the queue is full: the request queue's
+        overflow policy is reject-publish."""
+        try:
+            confirmation = await self._channel.default_exchange.publish(
+                aio_pika.Message(
+                    body,
+                    content_type="application/json",
+                    correlation_id=correlation_id,
+                    **properties,
+                ),
+                routing_key=queue,
+                mandatory=True,
+            )
+        except aio_pika.exceptions.DeliveryError:
+            raise ServiceUnavailableError(
+                f"queue {queue!r} refused the request: it is full",
+                retryable=True,
                 correlation_id=correlation_id,
-                **properties,
-            ),
-            routing_key=queue,
-            mandatory=True,
-        )
+            ) from None
         if isinstance(confirmation, DeliveredMessage):
             raise ServiceUnavailableError(
                 f"no queue {queue!r}: no worker has declared it",

@@ -131,7 +131,7 @@ def create_app(settings: Settings) -> WorkerApp:
     )
 
     @broker.subscriber(
-        topology.requests_queue(names, settings.delivery_limit),
+        topology.requests_queue(names, settings.delivery_limit, settings.queue_bounds),
         # The prefetch bounds the generations one worker runs at once.
         channel=Channel(prefetch_count=settings.prefetch),
         ack_policy=AckPolicy.MANUAL,
@@ -169,7 +169,9 @@ def create_app(settings: Settings) -> WorkerApp:
         ],
         # No try-it-out: it would let any HTTP client publish to the broker.
         asyncapi_path=AsyncAPIRoute("/docs/asyncapi", try_it_out_path=None),
-        specification=ContractAsyncAPI(broker, names, settings.delivery_limit),
+        specification=ContractAsyncAPI(
+            broker, names, settings.delivery_limit, settings.queue_bounds
+        ),
         logger=logging.getLogger("chatbus.app"),
     )
 
@@ -178,7 +180,7 @@ def create_app(settings: Settings) -> WorkerApp:
         # Declared before consuming starts: requesters bind to the replies exchange, and
         # dead letters need their queue to exist.
         await broker.connect()
-        await broker.declare_queue(topology.dead_letter_queue(names))
+        await broker.declare_queue(topology.dead_letter_queue(names, settings.queue_bounds))
         await broker.declare_exchange(topology.replies_exchange(names))
 
     @app.after_shutdown

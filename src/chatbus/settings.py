@@ -75,6 +75,26 @@ class Limits:
     """If not empty, the only models requests may name."""
 
 
+@dataclass(frozen=True)
+class QueueBounds:
+    """How much the request queue and the dead-letter queue may hold; None is no bound.
+    RabbitMQ fixes a queue's arguments when the queue is created: see the README to change
+    them on a running deployment."""
+
+    max_queued_requests: int | None = None
+    """Requests waiting in the request queue (`x-max-length`); a publish past it is
+    refused (reject-publish), which the client raises as `ServiceUnavailableError`."""
+    max_queued_bytes: int | None = None
+    """Bytes of request bodies waiting in the request queue (`x-max-length-bytes`)."""
+    dlq_max_length: int | None = None
+    """Dead letters kept (`x-max-length`); past it the oldest is dropped."""
+    dlq_max_age: float | None = None
+    """Seconds a dead letter is kept (`x-message-ttl`)."""
+
+
+UNBOUNDED = QueueBounds()
+
+
 class BusSettings(BaseSettings):
     """The broker and the contract's names: what every party on the bus reads."""
 
@@ -195,6 +215,25 @@ class Settings(BusSettings):
     max_model_chars: int = Field(default=Limits.max_model_chars, ge=1)
     allowed_models: list[str] = Field(default_factory=list)
 
+    max_queued_requests: int | None = Field(
+        default=QueueBounds.max_queued_requests,
+        ge=0,
+        description="Requests the request queue may hold; a full queue refuses publishes.",
+    )
+    max_queued_bytes: int | None = Field(
+        default=QueueBounds.max_queued_bytes,
+        ge=0,
+        description="Bytes of requests the request queue may hold.",
+    )
+    dlq_max_length: int | None = Field(
+        default=QueueBounds.dlq_max_length,
+        ge=0,
+        description="Dead letters kept; the oldest is dropped past it.",
+    )
+    dlq_max_age: float | None = Field(
+        default=QueueBounds.dlq_max_age, gt=0, description="Seconds a dead letter is kept."
+    )
+
     http_host: str = Field(
         default="127.0.0.1",
         description="Address of the HTTP side channel (health, metrics, AsyncAPI page); "
@@ -239,6 +278,15 @@ class Settings(BusSettings):
     @property
     def chunking(self) -> Chunking:
         return Chunking(flush_window=self.flush_window, max_chars=self.max_chunk_chars)
+
+    @property
+    def queue_bounds(self) -> QueueBounds:
+        return QueueBounds(
+            max_queued_requests=self.max_queued_requests,
+            max_queued_bytes=self.max_queued_bytes,
+            dlq_max_length=self.dlq_max_length,
+            dlq_max_age=self.dlq_max_age,
+        )
 
     @property
     def limits(self) -> Limits:
