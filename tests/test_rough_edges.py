@@ -15,6 +15,7 @@ from chatbus.contract import NAMES
 from chatbus.errors import InvalidRequestError, UpstreamError
 from chatbus.intake import parse_request, request_deadline
 from chatbus.settings import BusSettings, Limits, Settings, settings_problems
+from chatbus.testing import settings_env
 
 SHORT_ECHO = 120
 """No error message may echo more of a hostile value than a short prefix."""
@@ -220,3 +221,14 @@ def test_queue_bounds_are_settings_and_left_out_of_the_arguments_when_unset(
     dead_letters = topology.dead_letter_queue(NAMES, bounds).arguments or {}
     assert dead_letters["x-max-length"] == 1000
     assert dead_letters["x-message-ttl"] == 86_400_000
+
+
+@pytest.mark.parametrize("bounds", [{}, {"max_queued_requests": 10, "dlq_max_age": 0.5}])
+def test_a_worker_process_gets_the_queue_bounds_it_was_given(
+    monkeypatch: pytest.MonkeyPatch, bounds: dict[str, Any]
+) -> None:
+    given = Settings(**bounds)
+    for name, value in settings_env(given).items():
+        monkeypatch.setenv(name, value)
+
+    assert Settings().queue_bounds == given.queue_bounds

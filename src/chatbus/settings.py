@@ -98,7 +98,8 @@ UNBOUNDED = QueueBounds()
 class BusSettings(BaseSettings):
     """The broker and the contract's names: what every party on the bus reads."""
 
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+    # "null" unsets a setting whose default is none (as settings_env writes one).
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", env_parse_none_str="null")
 
     rabbitmq_url: str = Field(default=DEFAULT_RABBITMQ_URL)
     reconnect_interval: float = Field(
