@@ -60,6 +60,10 @@ __all__ = ["ChatClient", "ChatEvent", "Messages", "RequestFields", "Restarted"]
 
 logger = logging.getLogger("chatbus.client")
 
+CANCEL_GRACE = 2.0
+"""Seconds a cancelled request waits for the worker's terminal reply before it stops
+listening (a request still queued is answered only when a worker takes it)."""
+
 
 class Restarted(BaseModel):
     """The request is being answered again from the start: the worker answering it stopped
@@ -293,8 +297,7 @@ class ChatClient:
                 shown = True
                 yield reply
         finally:
-            del self._pending[correlation_id]
-            release = self._release(correlation_id, cancel=not ended)
+            release = self._release(call, cancel=not ended)
             if self._connection.connected.is_set():
                 # Shielded: a second cancel must not keep the worker from hearing of the first.
                 await asyncio.shield(release)
@@ -361,17 +364,31 @@ class ChatClient:
             )
         return message
 
-    async def _release(self, correlation_id: str, *, cancel: bool) -> None:
+    async def _release(self, call: _Call, *, cancel: bool) -> None:
         """Stop listening for a request's replies, and cancel it unless it ended."""
-        if self._closing:
-            return  # close() cancels it, and the reply queue goes with the connection
+        correlation_id = call.correlation_id
         try:
+            if self._closing:
+                return  # close() cancels it, and the reply queue goes with the connection
             await self._channel.ready()  # after a lost connection: until it is back
             if cancel:
                 await self._publish_cancel(correlation_id)
+                await self._until_ended(call)
             await self._replies.unbind(self._replies_exchange, routing_key=correlation_id)
         except (aio_pika.exceptions.AMQPError, ConnectionError, ChannelInvalidStateError) as error:
             logger.warning("could not release request %s: %r", correlation_id, error)
+        finally:
+            del self._pending[correlation_id]
+
+    async def _until_ended(self, call: _Call) -> None:
+        """Keep listening, for at most `CANCEL_GRACE` seconds, until the worker ends the
+        cancelled request. Unbinding at once would make the worker's next reply unroutable,
+        and the worker would record the request as `requester_gone`, not `cancelled`."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CANCEL_GRACE):
+                while (message := await call.replies.get()) is not None:
+                    if isinstance(_parse_reply(message), DoneReply | ErrorReply):
+                        return
 
     async def _publish_cancel(self, correlation_id: str) -> None:
         await self._cancel_exchange.publish(
