@@ -29,6 +29,8 @@ from chatbus.settings import DEFAULT_RABBITMQ_URL, BusSettings, settings_problem
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+WAITING_NOTICE_AFTER = 5.0
+"""Seconds without a first token before the CLI says that it is still waiting."""
 
 EPILOG = f"""\
 settings, from the environment or .env, as the service reads them:
@@ -191,6 +193,12 @@ def _chat(args: argparse.Namespace, settings: BusSettings) -> int:
     with asyncio.Runner() as runner:
         client = runner.run(_connect(settings, args.timeout))
         conversation = Conversation(client, system=args.system, **_fields(args))
+        print(
+            f"chatbus chat · model: {_model_name(conversation)} · /model NAME, /reset, "
+            "/exit or Ctrl-D to leave · Ctrl-C stops an answer",
+            file=sys.stderr,
+            flush=True,
+        )
         try:
             while (line := _read_line(interactive)) is not None:
                 if line.startswith("/"):
@@ -209,6 +217,8 @@ def _read_line(interactive: bool) -> str | None:
         try:
             return input(">>> " if interactive else "")
         except EOFError:
+            if interactive:
+                print()  # Ctrl-D leaves the cursor after the prompt: the shell's goes below
             return None
         except KeyboardInterrupt:
             print("\n(/exit or Ctrl-D leaves)", file=sys.stderr)
@@ -224,10 +234,14 @@ def _command(line: str, conversation: Conversation) -> bool:
         print("(history cleared)", file=sys.stderr)
     elif name == "/model":
         conversation.model = argument.strip() or conversation.model
-        print(f"(model: {conversation.model or 'the worker default'})", file=sys.stderr)
+        print(f"(model: {_model_name(conversation)})", file=sys.stderr)
     else:
         print("(commands: /reset, /model [NAME], /exit)", file=sys.stderr)
     return True
+
+
+def _model_name(conversation: Conversation) -> str:
+    return conversation.model or "the worker's default"
 
 
 async def _turn(conversation: Conversation, line: str, printer: "Printer") -> None:
@@ -316,29 +330,46 @@ def _vhost(url: URL) -> str:
 
 class Printer:
     """Shows one answer: text on stdout as it comes, thinking and the usage line on stderr;
-    or, with `json_lines`, every event as a line of JSON on stdout."""
+    or, with `json_lines`, every event as a line of JSON on stdout. When nothing has come
+    after `notice_after` seconds, it says on stderr that it is still waiting, and why that
+    may be."""
 
-    def __init__(self, *, json_lines: bool) -> None:
+    def __init__(self, *, json_lines: bool, notice_after: float = WAITING_NOTICE_AFTER) -> None:
         self._json = json_lines
+        self._notice_after = notice_after
 
     async def show(self, events: AsyncIterator[ChatEvent]) -> None:
         started = time.monotonic()
         first_token_after: float | None = None
-        async for event in events:
-            if self._json:
-                print(event.model_dump_json(exclude_none=True), file=sys.stdout, flush=True)
-            if isinstance(event, DoneReply):
-                self._finish(event, first_token_after)
-            elif isinstance(event, Restarted):
-                if not self._json:
-                    print("\n(the worker restarted this answer)", file=sys.stderr, flush=True)
-            else:
-                if first_token_after is None:
-                    first_token_after = time.monotonic() - started
-                if not self._json:
-                    if event.thinking:
-                        print(event.thinking, end="", file=sys.stderr, flush=True)
-                    print(event.content, end="", file=sys.stdout, flush=True)
+        notice = asyncio.get_running_loop().call_later(self._notice_after, self._still_waiting)
+        try:
+            async for event in events:
+                notice.cancel()
+                if self._json:
+                    print(event.model_dump_json(exclude_none=True), file=sys.stdout, flush=True)
+                if isinstance(event, DoneReply):
+                    self._finish(event, first_token_after)
+                elif isinstance(event, Restarted):
+                    if not self._json:
+                        print("\n(the worker restarted this answer)", file=sys.stderr, flush=True)
+                else:
+                    if first_token_after is None:
+                        first_token_after = time.monotonic() - started
+                    if not self._json:
+                        if event.thinking:
+                            print(event.thinking, end="", file=sys.stderr, flush=True)
+                        print(event.content, end="", file=sys.stdout, flush=True)
+        finally:
+            notice.cancel()
+
+    def _still_waiting(self) -> None:
+        print(
+            f"(no answer yet after {self._notice_after:g} s: no worker may have taken the "
+            "request yet, the model may be loading, or Ollama may be busy or unreachable "
+            "while the worker retries; Ctrl-C cancels)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def _finish(self, done: DoneReply, first_token_after: float | None) -> None:
         if not self._json:
