@@ -232,3 +232,34 @@ def test_a_worker_process_gets_the_queue_bounds_it_was_given(
         monkeypatch.setenv(name, value)
 
     assert Settings().queue_bounds == given.queue_bounds
+
+
+# --- 8. what the README says of num_predict: over the limit is refused, whatever its type --------
+
+
+@pytest.mark.parametrize(
+    ("num_predict", "refused_as"),
+    [
+        (4097, "options.num_predict is 4097, over the limit max_num_predict=4096"),
+        (4097.0, "options.num_predict is 4097.0, over the limit max_num_predict=4096"),
+        (1e9, "options.num_predict is 1000000000.0, over the limit"),
+        (-1, "options.num_predict -1 asks for no limit, over the limit max_num_predict=4096"),
+        (-1.0, "options.num_predict -1.0 asks for no limit"),
+        ("100000", 'options.num_predict must be a number, got "100000"'),
+        (True, "options.num_predict must be a number, got true"),
+    ],
+)
+def test_num_predict_over_the_limit_is_refused_whatever_its_type(
+    num_predict: object, refused_as: str
+) -> None:
+    with pytest.raises(InvalidRequestError) as raised:
+        parse_request(body(options={"num_predict": num_predict}), None, Limits(), "llama3.2")
+
+    assert raised.value.message.startswith(refused_as)
+
+
+@pytest.mark.parametrize("num_predict", [0, 1, 4096, 4096.0, 128.0])
+def test_num_predict_within_the_limit_is_passed_on(num_predict: float) -> None:
+    request = parse_request(body(options={"num_predict": num_predict}), None, Limits(), "m")
+
+    assert request.options == {"num_predict": num_predict}

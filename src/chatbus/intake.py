@@ -4,6 +4,7 @@ before it arrived. Pure functions of the message, so each is tested on its own."
 
 import contextlib
 import json
+import math
 import time
 from collections import OrderedDict
 from datetime import datetime
@@ -41,15 +42,8 @@ def parse_request(
     prompt_chars = sum(len(m.content) for m in request.messages)
     _check_limit("prompt length in characters", prompt_chars, "max_prompt_chars", limits)
     num_predict = (request.options or {}).get("num_predict")
-    if isinstance(num_predict, int):
-        # Ollama reads a negative num_predict as "no limit".
-        unlimited = num_predict < 0
-        _check_limit(
-            "options.num_predict",
-            limits.max_num_predict + 1 if unlimited else num_predict,
-            "max_num_predict",
-            limits,
-        )
+    if num_predict is not None:
+        _check_num_predict(num_predict, limits)
     model = request.model or default_model
     _check_limit("model name length in characters", len(model), "max_model_chars", limits)
     if limits.allowed_models and model not in limits.allowed_models:
@@ -70,7 +64,22 @@ def _check_content_type(content_type: str) -> None:
             raise _invalid(f"charset {shortened(charset)!r} is not supported: send UTF-8")
 
 
-def _check_limit(what: str, value: int, limit_name: str, limits: Limits) -> None:
+def _check_num_predict(num_predict: object, limits: Limits) -> None:
+    """Ollama reads a JSON float as the integer it holds, and a negative one as "no limit":
+    every number is checked, and anything else refused rather than left to Ollama."""
+    if isinstance(num_predict, bool) or not isinstance(num_predict, int | float):
+        raise _invalid(
+            f"options.num_predict must be a number, got {shortened(json.dumps(num_predict))}"
+        )
+    if not math.isfinite(num_predict) or num_predict < 0:
+        raise _invalid(
+            f"options.num_predict {num_predict} asks for no limit, over the limit "
+            f"max_num_predict={limits.max_num_predict}"
+        )
+    _check_limit("options.num_predict", num_predict, "max_num_predict", limits)
+
+
+def _check_limit(what: str, value: float, limit_name: str, limits: Limits) -> None:
     limit = getattr(limits, limit_name)
     if value > limit:
         raise _invalid(f"{what} is {value}, over the limit {limit_name}={limit}")
