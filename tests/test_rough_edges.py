@@ -6,6 +6,7 @@ import json
 from types import SimpleNamespace
 from typing import Any
 
+import httpx
 import pytest
 from pydantic import ValidationError
 
@@ -14,6 +15,7 @@ from chatbus.client import ChatClient
 from chatbus.contract import NAMES
 from chatbus.errors import InvalidRequestError, UpstreamError
 from chatbus.intake import parse_request, request_deadline
+from chatbus.service import create_app
 from chatbus.settings import BusSettings, Limits, Settings, settings_problems
 from chatbus.testing import settings_env
 
@@ -263,3 +265,23 @@ def test_num_predict_within_the_limit_is_passed_on(num_predict: float) -> None:
     request = parse_request(body(options={"num_predict": num_predict}), None, Limits(), "m")
 
     assert request.options == {"num_predict": num_predict}
+
+
+# --- 8. the side channel's unknown paths -------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/", "/health", "/docs", "/metrics/x"])
+async def test_an_unknown_side_channel_path_is_a_plain_404_listing_the_endpoints(
+    path: str,
+) -> None:
+    app = create_app(Settings(http_port=0))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://worker") as http:
+        response = await http.get(path)
+
+    assert response.status_code == 404
+    assert response.headers["content-type"] == "text/plain; charset=utf-8"
+    assert response.text == (
+        "404 Not Found. The worker's endpoints:\n"
+        "/healthz\n/readyz\n/metrics\n/docs/asyncapi\n/docs/asyncapi.json\n"
+    )

@@ -14,7 +14,8 @@ import uuid
 from typing import Any
 
 from faststream import AckPolicy
-from faststream.asgi import AsgiFastStream, AsyncAPIRoute
+from faststream.asgi import AsgiFastStream, AsgiResponse, AsyncAPIRoute
+from faststream.asgi.types import Receive, Scope, Send
 from faststream.rabbit import Channel, RabbitBroker, RabbitQueue
 from faststream.rabbit.annotations import RabbitMessage
 from opentelemetry import trace
@@ -80,6 +81,21 @@ class WorkerApp(AsgiFastStream):
             # Probes and scrapes every few seconds would drown the request log lines.
             "access_log": "false",
         }
+
+    async def not_found(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """An unknown HTTP path: a plain 404 that lists the endpoints (FastStream's own
+        answer, "Application doesn't support regular HTTP protocol", tells nobody where to
+        go)."""
+        if scope["type"] != "http":
+            await super().not_found(scope, receive, send)
+            return
+        endpoints = "".join(f"{path}\n" for path, _ in self.routes)
+        response = AsgiResponse(
+            body=f"404 Not Found. The worker's endpoints:\n{endpoints}".encode(),
+            status_code=404,
+            headers={"content-type": "text/plain; charset=utf-8"},
+        )
+        await response(scope, receive, send)
 
     async def run(
         self, log_level: int = logging.INFO, run_extra_options: dict[str, Any] | None = None
