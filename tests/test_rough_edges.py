@@ -285,3 +285,12 @@ async def test_an_unknown_side_channel_path_is_a_plain_404_listing_the_endpoints
         "404 Not Found. The worker's endpoints:\n"
         "/healthz\n/readyz\n/metrics\n/docs/asyncapi\n/docs/asyncapi.json\n"
     )
+
+
+def test_an_escaped_lone_surrogate_is_refused_and_a_whole_pair_taken() -> None:
+    emoji = json.dumps({"messages": [{"role": "user", "content": "hi \U0001f600"}]})
+    assert "\\ud83d\\ude00" in emoji  # json.dumps escapes it as a surrogate pair
+
+    assert parse_request(emoji.encode(), None, Limits(), "m").messages[0].content == "hi 😀"
+    with pytest.raises(InvalidRequestError, match="not valid Unicode"):
+        parse_request(body(options={"stop": ["caf\udce9"]}), None, Limits(), "m")

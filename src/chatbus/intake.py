@@ -5,6 +5,7 @@ before it arrived. Pure functions of the message, so each is tested on its own."
 import contextlib
 import json
 import math
+import re
 import time
 from collections import OrderedDict
 from datetime import datetime
@@ -12,6 +13,7 @@ from decimal import Decimal
 
 from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
+from pydantic_core import PydanticSerializationError
 
 from chatbus.contract import DEADLINE_HEADER, ChatRequest
 from chatbus.errors import InvalidRequestError, shortened, violations
@@ -20,6 +22,9 @@ from chatbus.settings import Limits
 __all__ = ["RecentCancels", "delivery_attempt", "parse_request", "request_deadline"]
 
 _UTF8 = frozenset({"utf-8", "utf8"})
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+"""A JSON escape of half a surrogate pair: json.loads keeps a lone one as it is, in a str
+that no encoder takes (Python's json.dumps writes one for bytes that were not UTF-8)."""
 
 
 def parse_request(
@@ -38,6 +43,8 @@ def parse_request(
             else f"body is not valid JSON: {error}"
         )
         raise _invalid(detail) from None
+    if _SURROGATE_ESCAPE.search(body):
+        _check_unicode(request)
     _check_limit("number of messages", len(request.messages), "max_messages", limits)
     prompt_chars = sum(len(m.content) for m in request.messages)
     _check_limit("prompt length in characters", prompt_chars, "max_prompt_chars", limits)
@@ -49,6 +56,18 @@ def parse_request(
     if limits.allowed_models and model not in limits.allowed_models:
         raise _invalid(f"model {shortened(model)!r} is not in allowed_models")
     return request
+
+
+def _check_unicode(request: ChatRequest) -> None:
+    """Only for a body with surrogate escapes, most of which are whole pairs (emoji from
+    an ASCII-only encoder): what Ollama would be sent must encode."""
+    try:
+        request.model_dump_json()
+    except PydanticSerializationError:
+        raise _invalid(
+            "the body holds text that is not valid Unicode: an escaped surrogate "
+            "(\\ud800-\\udfff) without its pair"
+        ) from None
 
 
 def _check_content_type(content_type: str) -> None:
