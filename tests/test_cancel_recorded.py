@@ -5,9 +5,7 @@ so logs and `chatbus_terminal_replies_total` disagreed)."""
 import asyncio
 import json
 import logging
-import os
 import signal
-import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -18,11 +16,10 @@ import pytest
 from chatbus.client import ChatClient
 from chatbus.contract import ChunkReply
 from chatbus.settings import Settings
-from chatbus.testing import FakeOllama, settings_env
-from tests.support import model
+from chatbus.testing import FakeOllama
+from tests.support import model, start_chatbus
 
 TRIES = 10
-CHATBUS = str(Path(sys.executable).with_name("chatbus"))
 
 
 class Outcomes(logging.Handler):
@@ -108,12 +105,10 @@ async def test_ctrl_c_in_ask_is_recorded_cancelled(
 
     with worker_outcomes() as outcomes:
         for _ in range(3):
-            ask = await asyncio.create_subprocess_exec(
-                CHATBUS,
+            ask = await start_chatbus(
+                worker,
+                tmp_path,
                 *("ask", "--json", "--model", fast, "hi"),
-                cwd=tmp_path,
-                env=os.environ | settings_env(worker),
-                stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.DEVNULL,
                 # Ctrl-C as in a terminal, even when the tests run where SIGINT is ignored.
                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),

@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 from yarl import URL
 
-from tests.support import REPO_ROOT, free_port
+from tests.support import CHATBUS, REPO_ROOT, free_port
 
-CHATBUS = str(Path(sys.executable).with_name("chatbus"))
 BAD_URLS = ["localhost:5672", "notaurl", "amqp:/localhost", "amqp://guest:secret@host:port/"]
 AT_ONCE = 20
 """Seconds: the commands used to retry forever; starting Python is all they may take."""

@@ -4,16 +4,13 @@ what `ask` says while the first token is long in coming."""
 import asyncio
 import os
 import pty
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from chatbus.settings import Settings
-from chatbus.testing import FakeOllama, running_worker, settings_env
+from chatbus.testing import FakeOllama, running_worker
 from chatbus.testing.fake_ollama import DEFAULT_TOKENS
-from tests.support import model
-
-CHATBUS = str(Path(sys.executable).with_name("chatbus"))
+from tests.support import model, start_chatbus
 
 
 async def read_terminal(master: int, until: bytes, seen: bytearray) -> None:
@@ -45,11 +42,10 @@ async def test_chat_starts_with_a_banner_and_ctrl_d_leaves_a_clean_line(
 ) -> None:
     master, terminal = pty.openpty()
     os.set_blocking(master, False)
-    chat = await asyncio.create_subprocess_exec(
-        CHATBUS,
+    chat = await start_chatbus(
+        worker,
+        tmp_path,
         *("chat", "--model", "llama3.2"),
-        cwd=tmp_path,
-        env=os.environ | settings_env(worker),
         stdin=terminal,
         stdout=terminal,
         stderr=terminal,
@@ -78,14 +74,7 @@ async def test_ask_says_it_is_still_waiting_when_the_first_token_is_slow(
     settings = make_settings(first_token_timeout=30)
     cold = model(fake_ollama, first_token_delay=7)
     async with running_worker(settings):
-        ask = await asyncio.create_subprocess_exec(
-            CHATBUS,
-            *("ask", "--model", cold, "hi"),
-            cwd=tmp_path,
-            env=os.environ | settings_env(settings),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
+        ask = await start_chatbus(settings, tmp_path, "ask", "--model", cold, "hi")
         assert ask.stderr is not None
         async with asyncio.timeout(30):
             # The notice comes 5 s after the request, the usage line after the answer, 7 s.

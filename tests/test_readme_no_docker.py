@@ -2,18 +2,15 @@
 the bundled fake Ollama, the worker, then the CLI."""
 
 import asyncio
-import os
 import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from chatbus.settings import Settings
-from chatbus.testing import WorkerProcess, settings_env
+from chatbus.testing import WorkerProcess
 from chatbus.testing.fake_ollama import DEFAULT_TOKENS
-from tests.support import REPO_ROOT
-
-CHATBUS = str(Path(sys.executable).with_name("chatbus"))
+from tests.support import REPO_ROOT, start_chatbus
 
 
 def readme_commands(after: str) -> list[list[str]]:
@@ -40,14 +37,7 @@ async def test_the_fake_ollama_worker_and_cli_work_as_the_readme_says(
         settings = make_settings(ollama_host=url)
         worker = await WorkerProcess(settings).start()  # `faststream run` of the same app
         try:
-            ask = await asyncio.create_subprocess_exec(
-                CHATBUS,
-                *ask_command[3:],
-                cwd=tmp_path,
-                env=os.environ | settings_env(settings),
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-            )
+            ask = await start_chatbus(settings, tmp_path, *ask_command[3:])
             async with asyncio.timeout(30):
                 stdout, stderr = await ask.communicate()
         finally:
