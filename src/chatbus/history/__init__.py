@@ -14,6 +14,7 @@ from chatbus.history.sqlite_store import SqliteHistoryStore
 from chatbus.history.store import (
     SESSION_ID_PATTERN,
     HistoryStore,
+    HistoryUnavailableError,
     InvalidSessionIdError,
     Session,
     Turn,
@@ -24,6 +25,7 @@ __all__ = [
     "SESSION_ID_PATTERN",
     "HistorySettings",
     "HistoryStore",
+    "HistoryUnavailableError",
     "InvalidSessionIdError",
     "RedisHistoryStore",
     "Session",

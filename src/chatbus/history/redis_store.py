@@ -16,11 +16,17 @@ from urllib.parse import quote
 
 from redis.asyncio import Redis
 from redis.asyncio.lock import Lock
-from redis.exceptions import LockError, RedisError
+from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
 
 from chatbus.contract import ChatMessage
-from chatbus.history.store import HistoryStore, Session, Turn, utc
+from chatbus.history.store import (
+    HistoryStore,
+    HistoryUnavailableError,
+    Session,
+    Turn,
+    utc,
+)
 
 logger = logging.getLogger("chatbus.history")
 
@@ -46,7 +52,7 @@ class RedisHistoryStore(HistoryStore):
 
     async def get(self, tenant: str, session_id: str) -> Session | None:
         meta_key, messages_key = self._keys(tenant, session_id)
-        async with self._redis.pipeline(transaction=True) as pipe:
+        async with _unavailable_on_failure(), self._redis.pipeline(transaction=True) as pipe:
             pipe.hgetall(meta_key)
             pipe.lrange(messages_key, 0, -1)
             pipe.pttl(meta_key)
@@ -70,7 +76,7 @@ class RedisHistoryStore(HistoryStore):
         meta: dict[FieldT, EncodableT] = {"updated_at": now, "model": turn.model}
         if turn.system is not None:
             meta["system"] = turn.system
-        async with self._redis.pipeline(transaction=True) as pipe:
+        async with _unavailable_on_failure(), self._redis.pipeline(transaction=True) as pipe:
             pipe.hsetnx(meta_key, "created_at", now)
             pipe.hset(meta_key, mapping=meta)
             pipe.rpush(
@@ -83,7 +89,8 @@ class RedisHistoryStore(HistoryStore):
             await pipe.execute()
 
     async def delete(self, tenant: str, session_id: str) -> bool:
-        deleted: int = await self._redis.delete(*self._keys(tenant, session_id))
+        async with _unavailable_on_failure():
+            deleted: int = await self._redis.delete(*self._keys(tenant, session_id))
         return deleted > 0
 
     async def close(self) -> None:
@@ -98,18 +105,19 @@ class RedisHistoryStore(HistoryStore):
             sleep=0.02,
             thread_local=False,
         )
-        await lock.acquire()
+        async with _unavailable_on_failure():
+            await lock.acquire()
         renewal = asyncio.create_task(self._keep(lock))
         try:
             yield
         finally:
+            # Not awaited: a renewal that lands after the release finds the lock not its own.
             renewal.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewal
             try:
                 await lock.release()
-            except LockError:
-                # It expired: this turn ran while unable to renew it (Redis unreachable).
+            except RedisError:
+                # Expired (it could not be renewed), or Redis is unreachable: either way the
+                # lock ends by itself at its ttl.
                 logger.warning("a session's turn lock expired before the turn ended")
 
     async def _keep(self, lock: Lock) -> None:
@@ -117,7 +125,7 @@ class RedisHistoryStore(HistoryStore):
             await asyncio.sleep(self._lock_ttl / 3)
             try:
                 await lock.reacquire()
-            except (RedisError, LockError) as error:
+            except RedisError as error:
                 # Tried again at the next third: the lock lives until its ttl is out.
                 logger.warning("could not renew a session's turn lock: %r", error)
 
@@ -128,6 +136,14 @@ class RedisHistoryStore(HistoryStore):
     def _keys(self, tenant: str, session_id: str) -> tuple[str, str]:
         key = self._session_key(tenant, session_id)
         return f"{key}:meta", f"{key}:messages"
+
+
+@contextlib.asynccontextmanager
+async def _unavailable_on_failure() -> AsyncIterator[None]:
+    try:
+        yield
+    except RedisError as error:
+        raise HistoryUnavailableError(f"Redis: {error!r}") from error
 
 
 def _text(value: bytes | None) -> str | None:

@@ -17,7 +17,13 @@ from typing import TypeVar
 from pydantic import TypeAdapter
 
 from chatbus.contract import ChatMessage
-from chatbus.history.store import HistoryStore, Session, Turn, utc
+from chatbus.history.store import (
+    HistoryStore,
+    HistoryUnavailableError,
+    Session,
+    Turn,
+    utc,
+)
 
 _T = TypeVar("_T")
 _messages_adapter: TypeAdapter[list[ChatMessage]] = TypeAdapter(list[ChatMessage])
@@ -61,7 +67,10 @@ class SqliteHistoryStore(HistoryStore):
         self._thread.shutdown()
 
     async def _run(self, call: Callable[..., _T], *args: object) -> _T:
-        return await asyncio.get_running_loop().run_in_executor(self._thread, call, *args)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._thread, call, *args)
+        except sqlite3.Error as error:
+            raise HistoryUnavailableError(f"SQLite: {error}") from error
 
     def _get(self, tenant: str, session_id: str) -> Session | None:
         row = self._db.execute(

@@ -17,6 +17,10 @@ SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{16,128}")
 safe in a URL, a Redis key and a log line."""
 
 
+class HistoryUnavailableError(Exception):
+    """The store could not be read or written: its database or its Redis failed."""
+
+
 class InvalidSessionIdError(ValueError):
     """A session id that does not match `SESSION_ID_PATTERN`."""
 
@@ -65,7 +69,8 @@ class HistoryStore(ABC):
     Sessions are kept per tenant: the same session id under another tenant is another
     session, so a tenant can neither see nor change another's.
 
-    The store never logs what the messages say.
+    The store never logs what the messages say. Its backend's failures are raised as
+    `HistoryUnavailableError`.
     """
 
     def __init__(self, *, ttl: float, max_messages: int) -> None:
