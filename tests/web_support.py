@@ -1,14 +1,19 @@
-"""Helpers for tests of HTTP apps: a real uvicorn server on a free port, and a reader of
-server-sent events."""
+"""Helpers for tests of HTTP apps: a real uvicorn server on a free port, a reader of
+server-sent events, and the system's headless Chromium."""
 
 import asyncio
 import json
+import os
+import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import uvicorn
+from selenium import webdriver
 from starlette.types import ASGIApp
 
 
@@ -44,3 +49,34 @@ async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str, dict[
         elif line == "" and data:
             yield kind, json.loads(data)
             kind, data = "message", ""
+
+
+def chromium(user_data_dir: Path) -> webdriver.Chrome:
+    """Debian's headless Chromium through its chromedriver, given by path so that Selenium
+    Manager downloads nothing. Skipped when they are missing, a failure under CI=true
+    (`.ci/run` installs them)."""
+    binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if binary is None or driver is None:
+        reason = "needs Debian's chromium and chromium-driver (apt-get install them)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",  # tests run as root
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        # Without these Chromium keeps calling Google's hosts, which this network refuses.
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=900,700",
+        f"--user-data-dir={user_data_dir}",
+    ):
+        options.add_argument(flag)
+    return webdriver.Chrome(
+        service=webdriver.ChromeService(executable_path=driver), options=options
+    )
