@@ -19,14 +19,12 @@ COPY pyproject.toml uv.lock README.md ./
 COPY src ./src
 RUN --mount=type=cache,target=/root/.cache/uv \
     uv sync --frozen --no-dev --no-editable
-COPY config.py broker.py main.py ./
 
 FROM python:3.11.13-slim-bookworm
 RUN groupadd --system --gid 10001 chatbus \
     && useradd --system --uid 10001 --gid chatbus --no-create-home --shell /usr/sbin/nologin chatbus
 WORKDIR /app
 COPY --from=build /app/.venv /app/.venv
-COPY --from=build /app/config.py /app/broker.py /app/main.py ./
 ENV PATH="/app/.venv/bin:$PATH" \
     PYTHONUNBUFFERED=1 \
     HTTP_HOST=0.0.0.0 \
@@ -37,5 +35,6 @@ EXPOSE 8000
 # Liveness only: an unreachable RabbitMQ or Ollama must not get the worker restarted.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(f'http://127.0.0.1:{os.environ[\"HTTP_PORT\"]}/healthz', timeout=4)"]
-# The venv's `faststream`: what `uv run faststream run main:app` runs, without uv in the image.
-CMD ["faststream", "run", "main:app"]
+# The installed package holds the whole service: `uv run faststream run main:app` in a
+# checkout runs the same app.
+CMD ["faststream", "run", "chatbus.service:app"]

@@ -1,9 +1,6 @@
-"""Entry point: `uv run faststream run main:app`."""
+"""Entry point: `uv run faststream run main:app` (the installed package runs the same as
+`faststream run chatbus.service:app` or `chatbus worker`)."""
 
-from broker import create_app
-from chatbus.observability import configure_logging
-from config import Settings
+from chatbus.service import app_from_environment
 
-settings = Settings()
-configure_logging(settings.log_level, settings.log_format)
-app = create_app(settings)
+app = app_from_environment()

@@ -20,8 +20,7 @@ from bench import scenarios
 from bench.processes import FakeOllamaProcess, PeakRss, cpu_seconds, rss_mb, worker_process
 from bench.report import print_table, targets
 from bench.requester import Requester
-from chatbus.options import WorkerOptions
-from config import Settings
+from chatbus.settings import Chunking, Settings
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -44,7 +43,7 @@ def _arguments() -> argparse.Namespace:
         "--flush-windows",
         type=float,
         nargs="+",
-        default=[WorkerOptions().flush_window],
+        default=[Chunking.flush_window],
         help="the worker's FLUSH_WINDOW values the paced streams run with",
     )
     parser.add_argument(

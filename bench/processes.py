@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Self
 
-from config import Settings
-from tests.support import WorkerProcess
+from chatbus.settings import Settings
+from chatbus.testing import WorkerProcess
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")

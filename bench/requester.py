@@ -17,7 +17,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
-from config import Settings
+from chatbus.settings import Settings
 
 
 @dataclass

@@ -14,7 +14,7 @@ import ollama
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
 from bench.requester import Requester, Stream, all_ended
-from chatbus.options import WorkerOptions
+from chatbus.settings import Timeouts
 from chatbus.testing.fake_ollama import DEFAULT_TOKENS
 from chatbus.upstream import create_ollama_client
 
@@ -31,7 +31,7 @@ def percentile(values: Sequence[float], p: float) -> float:
 def direct_client(url: str, streams: int) -> ollama.AsyncClient:
     """The client a worker running `streams` generations at once has, so that the
     comparison is with the same client, set up the same way."""
-    return create_ollama_client(url, WorkerOptions(prefetch=streams))
+    return create_ollama_client(url, Timeouts(), streams + 1)
 
 
 async def _stream_parts(client: ollama.AsyncClient) -> list[float]:

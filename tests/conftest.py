@@ -19,16 +19,21 @@ import aio_pika
 import pytest
 from redis import Redis
 
-from chatbus.testing import FakeOllama
-from config import Settings
-from tests.support import Requester, running_worker
+from chatbus.settings import Settings
+from chatbus.testing import FakeOllama, running_worker
+from tests.support import Requester
 
 RUN_PREFIX = f"test-{uuid.uuid4().hex[:8]}"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Slow tests (a broker restart) first: RabbitMQ restarts fastest with the fewest
-    queues to recover, and every test's queues live until the end of the run."""
+    """Every test that reaches the broker is marked `rabbitmq` (so `-m "not rabbitmq"`
+    runs the rest anywhere); slow tests (a broker restart) go first: RabbitMQ restarts
+    fastest with the fewest queues to recover, and every test's queues live until the end
+    of the run."""
+    for item in items:
+        if "rabbitmq_url" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.rabbitmq)
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 

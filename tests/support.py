@@ -4,9 +4,9 @@ README's contract alone (no chatbus client code), so the tests check the contrac
 import asyncio
 import json
 import os
+import re
 import shutil
 import socket
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,22 +18,11 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
-from broker import WorkerApp, create_app
+from chatbus.settings import Settings
 from chatbus.testing import Behaviour, FakeOllama
-from config import Settings
 
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 REPO_ROOT = Path(__file__).parent.parent
-
-
-@asynccontextmanager
-async def running_worker(settings: Settings) -> AsyncIterator[WorkerApp]:
-    app = create_app(settings)
-    await app.start()
-    try:
-        yield app
-    finally:
-        await app.stop()
 
 
 class Replies:
@@ -128,81 +117,6 @@ class Requester:
 def user(content: str = "Why is the sky blue?", **fields: Any) -> dict[str, Any]:
     """A request body with one user message."""
     return {"messages": [{"role": "user", "content": content}], **fields}
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The environment that makes `Settings()` in another process equal to `settings`."""
-    env = {}
-    for name, value in settings.model_dump(mode="json").items():
-        env[name.upper()] = value if isinstance(value, str) else json.dumps(value)
-    return env
-
-
-class WorkerProcess:
-    """The worker as a real process, started the way production starts it, for tests that
-    kill it. Its output is kept for the failure report."""
-
-    STARTED = "FastStream app started successfully"
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.output: list[str] = []
-        self._process: asyncio.subprocess.Process | None = None
-        self._drain: asyncio.Task[None] | None = None
-
-    async def start(self, timeout: float = 30.0) -> Self:
-        self._process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "faststream",
-            "run",
-            "main:app",
-            cwd=REPO_ROOT,
-            env=os.environ | settings_env(self.settings),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        started = asyncio.get_running_loop().create_future()
-        self._drain = asyncio.create_task(self._read_output(started))
-        try:
-            async with asyncio.timeout(timeout):
-                await started
-        except TimeoutError:
-            await self.kill()
-            raise AssertionError("worker did not start:\n" + "".join(self.output)) from None
-        return self
-
-    async def _read_output(self, started: asyncio.Future[None]) -> None:
-        assert self._process is not None
-        assert self._process.stdout is not None
-        async for line in self._process.stdout:
-            self.output.append(line.decode(errors="replace"))
-            if self.STARTED in self.output[-1] and not started.done():
-                started.set_result(None)
-        if not started.done():
-            started.set_exception(AssertionError("worker exited:\n" + "".join(self.output)))
-
-    @property
-    def pid(self) -> int:
-        assert self._process is not None
-        return self._process.pid
-
-    async def signal(self, signum: int) -> None:
-        assert self._process is not None
-        self._process.send_signal(signum)
-
-    async def wait(self, timeout: float = 30.0) -> int:
-        assert self._process is not None
-        assert self._drain is not None
-        async with asyncio.timeout(timeout):
-            code = await self._process.wait()
-            await self._drain
-        return code
-
-    async def kill(self) -> None:
-        if self._process is not None and self._process.returncode is None:
-            self._process.kill()
-            await self.wait()
 
 
 async def queue_depths(connection: AbstractRobustConnection, settings: Settings) -> tuple[int, int]:
@@ -314,3 +228,34 @@ async def close_connection_named(name: str) -> None:
 needs_rabbitmqctl = pytest.mark.skipif(
     not shutil.which("rabbitmqctl"), reason="needs rabbitmqctl on this machine"
 )
+
+
+@asynccontextmanager
+async def observing(
+    amqp: AbstractRobustConnection, exchange: str, routing_key: str = ""
+) -> AsyncIterator[Replies]:
+    """Messages on an exchange as a bystander sees them: the worker's replies for one
+    correlation id, or every cancel."""
+    observer = Replies()
+    channel = await amqp.channel()
+    queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+    await queue.bind(exchange, routing_key=routing_key)
+    await queue.consume(observer.deliver, no_ack=True)
+    try:
+        yield observer
+    finally:
+        await channel.close()
+
+
+async def how_it_ended(replies: Replies) -> dict[str, Any]:
+    """The worker's terminal reply, as a bystander bound to its correlation id saw it."""
+    return (await replies.until_terminal())[-1]
+
+
+def healthcheck_command() -> list[str]:
+    """The Dockerfile's HEALTHCHECK command, as the container runs it."""
+    text = (REPO_ROOT / "Dockerfile").read_text()
+    match = re.search(r"^HEALTHCHECK .*?CMD (\[.*?\])$", text, re.MULTILINE | re.DOTALL)
+    assert match, "no HEALTHCHECK in exec form"
+    command: list[str] = json.loads(match.group(1))
+    return command

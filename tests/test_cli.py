@@ -15,11 +15,10 @@ from typing import Any
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 
-from chatbus.testing import FakeOllama
+from chatbus.settings import Settings
+from chatbus.testing import FakeOllama, settings_env
 from chatbus.testing.fake_ollama import DEFAULT_TOKENS
-from config import Settings
-from tests.support import free_port, model, settings_env
-from tests.test_client import how_it_ended, observing
+from tests.support import free_port, how_it_ended, model, observing
 
 CHATBUS = str(Path(sys.executable).with_name("chatbus"))
 ANSWER = "".join(DEFAULT_TOKENS)

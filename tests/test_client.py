@@ -13,7 +13,6 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
-from chatbus.cli import ClientSettings
 from chatbus.client import ChatClient, ChatEvent, Restarted
 from chatbus.contract import DEADLINE_HEADER, ChatRequest, ChunkReply, DoneReply, ErrorCode
 from chatbus.conversation import Conversation
@@ -27,17 +26,16 @@ from chatbus.errors import (
     UpstreamError,
     UpstreamUnavailableError,
 )
-from chatbus.testing import FakeOllama
+from chatbus.settings import Settings
+from chatbus.testing import FakeOllama, WorkerProcess, running_worker
 from chatbus.testing.fake_ollama import DEFAULT_THINKING, DEFAULT_TOKENS
-from config import Settings
 from tests.support import (
-    Replies,
-    WorkerProcess,
     close_connection_named,
     free_port,
+    how_it_ended,
     model,
     needs_rabbitmqctl,
-    running_worker,
+    observing,
 )
 
 MakeSettings = Callable[..., Settings]
@@ -45,30 +43,13 @@ ANSWER = "".join(DEFAULT_TOKENS)
 
 
 def client_for(settings: Settings, **options: Any) -> ChatClient:
-    return ClientSettings(**settings.model_dump()).client(**options)
+    return ChatClient(settings.rabbitmq_url, names=settings.names, **options)
 
 
 @pytest.fixture
 async def client(worker: Settings) -> AsyncIterator[ChatClient]:
     async with client_for(worker) as client:
         yield client
-
-
-@contextlib.asynccontextmanager
-async def observing(
-    amqp: AbstractRobustConnection, exchange: str, routing_key: str = ""
-) -> AsyncIterator[Replies]:
-    """Messages on an exchange as a bystander sees them: the worker's replies for one
-    correlation id, or every cancel."""
-    observer = Replies()
-    channel = await amqp.channel()
-    queue = await channel.declare_queue(exclusive=True, auto_delete=True)
-    await queue.bind(exchange, routing_key=routing_key)
-    await queue.consume(observer.deliver, no_ack=True)
-    try:
-        yield observer
-    finally:
-        await channel.close()
 
 
 class PlayedWorker:
@@ -133,11 +114,6 @@ def done(seq: int, content: str, attempt: int = 1) -> dict[str, Any]:
         "usage": {"prompt_tokens": 1, "completion_tokens": 1},
         "timings": {},
     }
-
-
-async def how_it_ended(replies: Replies) -> dict[str, Any]:
-    """The worker's terminal reply, as a bystander bound to its correlation id saw it."""
-    return (await replies.until_terminal())[-1]
 
 
 async def collect(stream: AsyncIterator[ChatEvent], events: list[ChatEvent]) -> None:

@@ -20,12 +20,11 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 
-from chatbus.testing import FakeOllama
-from config import Settings
+from chatbus.settings import Settings
+from chatbus.testing import FakeOllama, WorkerProcess, running_worker
 from tests.support import (
     Replies,
     Requester,
-    WorkerProcess,
     assert_well_formed,
     close_connection_named,
     consumer_count,
@@ -36,7 +35,6 @@ from tests.support import (
     queue_depths,
     rabbitmqctl,
     requests_for,
-    running_worker,
     streamed_text,
     user,
 )
@@ -464,12 +462,12 @@ async def test_a_worker_bug_is_retried_then_answered_internal_error_and_dead_let
 
     calls = 0
 
-    def broken_parse(self: object, body: bytes, content_type: str | None) -> None:
+    def broken_parse(*args: object) -> None:
         nonlocal calls
         calls += 1
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(chatbus.worker.ChatWorker, "_parse", broken_parse)
+    monkeypatch.setattr(chatbus.worker, "parse_request", broken_parse)
     body = json.dumps(user()).encode()
     async with worker_and_requester(make_settings, amqp, delivery_limit=2) as requester:
         replies = await requester.chat(body)

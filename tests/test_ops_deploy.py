@@ -7,7 +7,6 @@ AsyncAPI document by the official AsyncAPI parser (from npm, installed by `.ci/r
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,21 +20,12 @@ from chatbus.contract import (
     ErrorCode,
     reply_adapter,
 )
-from config import Settings
-from tests.support import REPO_ROOT, node_with
+from chatbus.settings import Settings
+from tests.support import REPO_ROOT, healthcheck_command, node_with
 
 VENV_BIN = Path(sys.executable).parent
 ASYNCAPI = REPO_ROOT / "docs" / "asyncapi.yaml"
 COMPOSE_FILES = ["docker-compose.yml", "docker-compose.gpu.yml"]
-
-
-def healthcheck_command() -> list[str]:
-    """The Dockerfile's HEALTHCHECK command, as the container runs it."""
-    text = (REPO_ROOT / "Dockerfile").read_text()
-    match = re.search(r"^HEALTHCHECK .*?CMD (\[.*?\])$", text, re.MULTILINE | re.DOTALL)
-    assert match, "no HEALTHCHECK in exec form"
-    command: list[str] = json.loads(match.group(1))
-    return command
 
 
 def run(*command: str | Path, **options: Any) -> subprocess.CompletedProcess[str]:
@@ -113,7 +103,7 @@ def test_dockerfile_builds_from_the_lock_and_runs_the_worker_unprivileged() -> N
     assert json.loads(next(rest for word, rest in instructions if word == "CMD")) == [
         "faststream",
         "run",
-        "main:app",
+        "chatbus.service:app",
     ]
     assert "/healthz" in healthcheck_command()[-1]
 

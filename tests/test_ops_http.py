@@ -17,10 +17,10 @@ from aio_pika.abc import AbstractRobustConnection
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker import WorkerApp
-from chatbus.testing import Behaviour, FakeOllama
+from chatbus.settings import Settings
+from chatbus.testing import Behaviour, FakeOllama, running_worker
 from chatbus.testing.fake_ollama import DEFAULT_TOKENS
-from config import Settings
-from tests.support import Requester, running_worker, user
+from tests.support import Requester, user
 
 
 @asynccontextmanager

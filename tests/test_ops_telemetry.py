@@ -19,10 +19,10 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from chatbus.observability import JsonFormatter, TextFormatter
+from chatbus.settings import Settings
+from chatbus.testing import WorkerProcess, running_worker
 from chatbus.testing.fake_ollama import DEFAULT_TOKENS
-from config import Settings
-from tests.support import Requester, WorkerProcess, running_worker, user
-from tests.test_ops_deploy import healthcheck_command
+from tests.support import Requester, healthcheck_command, user
 
 
 async def test_the_service_logs_json_lines_and_serves_http_on_its_port(

@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
+from chatbus.settings import Settings
+from chatbus.testing import WorkerProcess
 from chatbus.testing.fake_ollama import DEFAULT_TOKENS
-from config import Settings
-from tests.support import DIRECT_REPLY_TO, REPO_ROOT, WorkerProcess, node_with
+from tests.support import DIRECT_REPLY_TO, REPO_ROOT, node_with
 
 README = Path(__file__).parent.parent / "README.md"
 
@@ -31,10 +32,8 @@ def run_as_the_readme_says(code: str, settings: Settings) -> dict[str, Any]:
     and names."""
     default = 'ChatClient("amqp://guest:guest@localhost:5672/"'
     assert default in code
-    names = ("requests_queue", "replies_exchange", "cancel_exchange", "models_queue")
-    ours = ", ".join(f"{name}={getattr(settings, name)!r}" for name in names)
-    code = code.replace(default, f"ChatClient({settings.rabbitmq_url!r}, {ours}")
-    namespace: dict[str, Any] = {}
+    code = code.replace(default, f"ChatClient({settings.rabbitmq_url!r}, names=names")
+    namespace: dict[str, Any] = {"names": settings.names}
     exec(compile(code, str(README), "exec"), namespace)
     return namespace
 

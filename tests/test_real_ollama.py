@@ -8,8 +8,9 @@ import httpx
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 
-from config import Settings
-from tests.support import Requester, running_worker, user
+from chatbus.settings import Settings
+from chatbus.testing import running_worker
+from tests.support import Requester, user
 
 OLLAMA_HOST = os.environ.get("OLLAMA_HOST", "http://localhost:11434")
 

@@ -20,9 +20,9 @@ from websockets.asyncio.client import ClientConnection, connect
 from chatbus.client import ChatClient
 from chatbus.history import SqliteHistoryStore
 from chatbus.sessions import Limits, Sessions, sessions_router
+from chatbus.settings import Settings
 from chatbus.testing import FakeOllama
 from chatbus.testing.fake_ollama import DEFAULT_TOKENS
-from config import Settings
 from tests.support import model, requests_for
 from tests.web_support import serving, sse_events
 
@@ -62,14 +62,7 @@ class Served:
 
 @pytest.fixture(scope="module")
 async def bus(worker: Settings) -> AsyncIterator[ChatClient]:
-    async with ChatClient(
-        worker.rabbitmq_url,
-        requests_queue=worker.requests_queue,
-        replies_exchange=worker.replies_exchange,
-        cancel_exchange=worker.cancel_exchange,
-        models_queue=worker.models_queue,
-        timeout=20,
-    ) as client:
+    async with ChatClient(worker.rabbitmq_url, names=worker.names, timeout=20) as client:
         yield client
 
 
@@ -78,7 +71,9 @@ def serve(
     bus: ChatClient, worker: Settings, tmp_path: Path
 ) -> Callable[..., contextlib.AbstractAsyncContextManager[Served]]:
     @contextlib.asynccontextmanager
-    async def start(limits: Limits = worker, max_messages: int = 100) -> AsyncIterator[Served]:
+    async def start(
+        limits: Limits = worker.limits, max_messages: int = 100
+    ) -> AsyncIterator[Served]:
         store = SqliteHistoryStore(
             tmp_path / f"{uuid.uuid4().hex}.sqlite3", ttl=3600, max_messages=max_messages
         )

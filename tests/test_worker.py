@@ -7,9 +7,9 @@ from typing import Any
 import pika
 from aio_pika.abc import AbstractRobustConnection
 
+from chatbus.settings import Settings
 from chatbus.testing import Behaviour, FakeOllama
 from chatbus.testing.fake_ollama import DEFAULT_THINKING, DEFAULT_TOKENS
-from config import Settings
 from tests.support import DIRECT_REPLY_TO, Requester, assert_well_formed, streamed_text, user
 
 

@@ -46,13 +46,13 @@ from chatbus.contract import (
     CancelRequest,
     ChatRequest,
     ChunkReply,
+    ContractNames,
     DoneReply,
     ErrorCode,
     ErrorReply,
     Timings,
     Usage,
 )
-from chatbus.options import WorkerOptions
 
 _SCHEMA_REF = "#/components/schemas/{model}"
 _CORRELATION_ID = CorrelationId(
@@ -86,27 +86,30 @@ def _prose(text: str) -> str:
 
 
 class ContractAsyncAPI(AsyncAPI):
-    def __init__(self, broker: RabbitBroker, options: WorkerOptions) -> None:
+    def __init__(self, broker: RabbitBroker, names: ContractNames, delivery_limit: int) -> None:
         super().__init__(
             broker,
             title="chatbus",
             version=version("chatbus"),
             description=_prose(
                 DESCRIPTION.format(
-                    requests=options.requests_queue,
-                    replies=options.replies_exchange,
-                    dead_letters=options.dead_letter_queue,
+                    requests=names.requests_queue,
+                    replies=names.replies_exchange,
+                    dead_letters=names.dead_letter_queue,
                 )
             ),
             schema_version="3.0.0",
         )
-        self._options = options
+        self._names = names
+        self._delivery_limit = delivery_limit
 
     def to_specification(self) -> ApplicationSchema:
         document = super().to_specification()
         if not isinstance(document, ApplicationSchema):
             raise TypeError(f"expected an AsyncAPI 3 document, got {type(document).__name__}")
-        contract = _Contract(self._options, servers=list(document.servers or {}))
+        contract = _Contract(
+            self._names, self._delivery_limit, servers=list(document.servers or {})
+        )
         components = document.components or Components()
         components.messages = (components.messages or {}) | contract.messages
         components.schemas = (components.schemas or {}) | contract.schemas
@@ -119,7 +122,7 @@ class ContractAsyncAPI(AsyncAPI):
 class _Contract:
     """The contract's channels, operations, messages and schemas."""
 
-    def __init__(self, options: WorkerOptions, servers: list[str]) -> None:
+    def __init__(self, names: ContractNames, delivery_limit: int, servers: list[str]) -> None:
         self.channels: dict[str, Channel] = {}
         self.operations: dict[str, Operation] = {}
         self.messages: dict[str, Message] = {}
@@ -131,27 +134,27 @@ class _Contract:
         self.schemas: dict[str, Any] = definitions["$defs"]
         self._servers = [ref("servers", name) for name in servers]
 
-        requests = topology.requests_queue(options)
+        requests = topology.requests_queue(names, delivery_limit)
         self._channel(
-            options.requests_queue,
-            address=options.requests_queue,
+            names.requests_queue,
+            address=names.requests_queue,
             binding=_queue_binding(requests),
             description=f"""\
 Where requests go: a durable quorum queue, published to through the default exchange
-(routing key `{options.requests_queue}`) and shared by all workers; each takes at most
+(routing key `{names.requests_queue}`) and shared by all workers; each takes at most
 `PREFETCH` requests at once. A request is acknowledged only after its terminal reply is
 confirmed by the broker. A malformed or invalid request is answered with `invalid_request`
 and dead-lettered at once; one that fails unexpectedly is delivered again, and after
 `DELIVERY_LIMIT` deliveries answered with `internal_error` and dead-lettered into
-`{options.dead_letter_queue}`.
+`{names.dead_letter_queue}`.
 
 Declared with the arguments {_arguments(requests)}.""",
             messages=[_request_message()],
         )
         self._channel(
-            options.replies_exchange,
+            names.replies_exchange,
             address="{correlationId}",
-            binding=_exchange_binding(topology.replies_exchange(options)),
+            binding=_exchange_binding(topology.replies_exchange(names)),
             description="""\
 Where replies go: a durable direct exchange, routed by the request's correlation id. Bind a
 queue of your own with that routing key before publishing the request. A request with the
@@ -169,9 +172,9 @@ correlation id any more), the worker stops the generation.""",
             },
         )
         self._channel(
-            options.cancel_exchange,
+            names.cancel_exchange,
             address=None,
-            binding=_exchange_binding(topology.cancel_exchange(options)),
+            binding=_exchange_binding(topology.cancel_exchange(names)),
             description="""\
 Where cancels go: a durable fanout exchange. Every worker reads it through an exclusive queue
 of its own, so the one running the request stops it (its Ollama stream is closed) and
@@ -181,13 +184,13 @@ calling Ollama.""",
             messages=[_cancel_message()],
         )
         self._channel(
-            options.dead_letter_queue,
-            address=options.dead_letter_queue,
-            binding=_queue_binding(topology.dead_letter_queue(options)),
+            names.dead_letter_queue,
+            address=names.dead_letter_queue,
+            binding=_queue_binding(topology.dead_letter_queue(names)),
             description=f"""\
 Requests that were not answered with a generation: invalid ones (after their
 `invalid_request` reply), ones without any correlation or message id, and ones delivered
-`DELIVERY_LIMIT` times. RabbitMQ moves them here from `{options.requests_queue}`
+`DELIVERY_LIMIT` times. RabbitMQ moves them here from `{names.requests_queue}`
 (at-least-once dead-lettering) with its `x-death` headers; nobody consumes them
 automatically.""",
             messages=[_dead_letter_message()],
@@ -196,21 +199,21 @@ automatically.""",
         self._operation(
             "receiveChatRequest",
             Action.RECEIVE,
-            options.requests_queue,
+            names.requests_queue,
             summary="Answer a chat request with a stream of replies.",
-            binding=amqp.OperationBinding(cc=[options.requests_queue], ack=True),
+            binding=amqp.OperationBinding(cc=[names.requests_queue], ack=True),
             reply={
-                "channel": ref("channels", options.replies_exchange),
+                "channel": ref("channels", names.replies_exchange),
                 "messages": [
-                    ref("channels", options.replies_exchange, "messages", name)
-                    for name in self.channels[options.replies_exchange].messages
+                    ref("channels", names.replies_exchange, "messages", name)
+                    for name in self.channels[names.replies_exchange].messages
                 ],
             },
         )
         self._operation(
             "sendReply",
             Action.SEND,
-            options.replies_exchange,
+            names.replies_exchange,
             summary="Chunks, then one terminal reply (done or error) per delivery attempt.",
             # deliveryMode 1: replies are transient, they matter only while a requester waits.
             binding=amqp.OperationBinding(ack=False, mandatory=True, deliveryMode=1),
@@ -218,14 +221,14 @@ automatically.""",
         self._operation(
             "receiveCancel",
             Action.RECEIVE,
-            options.cancel_exchange,
+            names.cancel_exchange,
             summary="Stop a generation.",
             binding=amqp.OperationBinding(ack=True),
         )
         self._operation(
             "deadLetterRequest",
             Action.SEND,
-            options.dead_letter_queue,
+            names.dead_letter_queue,
             summary="Requests given up on, by RabbitMQ's dead-lettering of rejected requests.",
             binding=None,
         )

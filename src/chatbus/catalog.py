@@ -3,7 +3,10 @@
 import ollama
 
 from chatbus.contract import ErrorReply, ModelInfo, ModelsReply
+from chatbus.errors import error_reply
 from chatbus.upstream import classify_upstream_error
+
+__all__ = ["list_models"]
 
 _DETAILS = {"family", "parameter_size", "quantization_level"}
 
@@ -13,13 +16,7 @@ async def list_models(client: ollama.AsyncClient, correlation_id: str) -> Models
         listing = await client.list()
     except Exception as error:
         failure, _ = classify_upstream_error(error, tokens_sent=False)
-        return ErrorReply(
-            correlation_id=correlation_id,
-            seq=0,
-            code=failure.code,
-            message=failure.message,
-            retryable=failure.retryable,
-        )
+        return error_reply(failure, correlation_id)
     return ModelsReply(
         correlation_id=correlation_id, models=[_model_info(model) for model in listing.models]
     )

@@ -14,14 +14,13 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from aio_pika.exceptions import AMQPConnectionError
-from pydantic_settings import BaseSettings, SettingsConfigDict
 from yarl import URL
 
-from chatbus import contract
-from chatbus.client import DEFAULT_RABBITMQ_URL, ChatClient, ChatEvent, RequestFields, Restarted
+from chatbus.client import ChatClient, ChatEvent, RequestFields, Restarted
 from chatbus.contract import DoneReply, ModelInfo
 from chatbus.conversation import Conversation
 from chatbus.errors import ChatError
+from chatbus.settings import DEFAULT_RABBITMQ_URL, BusSettings
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -37,36 +36,13 @@ exit codes:
   {EXIT_INTERRUPTED} interrupted (Ctrl-C cancels the generation)"""
 
 
-class ClientSettings(BaseSettings):
-    """The service's own setting names, so one `.env` serves both."""
-
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
-
-    rabbitmq_url: str = DEFAULT_RABBITMQ_URL
-    requests_queue: str = contract.REQUESTS_QUEUE
-    replies_exchange: str = contract.REPLIES_EXCHANGE
-    cancel_exchange: str = contract.CANCEL_EXCHANGE
-    models_queue: str = contract.MODELS_QUEUE
-
-    def client(self, **options: Any) -> ChatClient:
-        """A client for these settings; `options` are ChatClient's others (timeout, ...)."""
-        return ChatClient(
-            self.rabbitmq_url,
-            requests_queue=self.requests_queue,
-            replies_exchange=self.replies_exchange,
-            cancel_exchange=self.cancel_exchange,
-            models_queue=self.models_queue,
-            **options,
-        )
-
-
 class CliError(Exception):
     """Ends the command with a message and exit code 1."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    settings = ClientSettings()
+    settings = BusSettings()
     try:
         return int(args.command(args, settings))
     except (ChatError, CliError) as error:
@@ -136,7 +112,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     models.add_argument("--json", action="store_true", help="print them as JSON")
     models.set_defaults(command=_models)
+
+    worker = commands.add_parser(
+        "worker",
+        help="run a worker (the same as `faststream run chatbus.service:app`)",
+        description="Run a worker, configured by the environment (see the README's settings).",
+    )
+    worker.set_defaults(command=_worker)
     return parser
+
+
+def _worker(args: argparse.Namespace, settings: BusSettings) -> int:
+    # Imported here: the service's metrics and tracing would slow every other command.
+    from chatbus.service import app_from_environment
+
+    app = app_from_environment()
+    asyncio.run(app.run())
+    return 0
 
 
 def _option(text: str) -> tuple[str, Any]:
@@ -153,7 +145,7 @@ def _fields(args: argparse.Namespace) -> RequestFields:
     return RequestFields(model=args.model, options=dict(args.option) or None, think=args.think)
 
 
-def _ask(args: argparse.Namespace, settings: ClientSettings) -> int:
+def _ask(args: argparse.Namespace, settings: BusSettings) -> int:
     prompt = " ".join(args.prompt) or sys.stdin.read().strip()
     if not prompt:
         raise CliError("nothing to ask: give a question or pipe one in")
@@ -161,13 +153,13 @@ def _ask(args: argparse.Namespace, settings: ClientSettings) -> int:
     return 0
 
 
-async def _ask_async(args: argparse.Namespace, settings: ClientSettings, prompt: str) -> None:
+async def _ask_async(args: argparse.Namespace, settings: BusSettings, prompt: str) -> None:
     async with _connected(settings, args.timeout) as client:
         conversation = Conversation(client, system=args.system, **_fields(args))
         await Printer(json_lines=args.json).show(conversation.stream(prompt))
 
 
-def _chat(args: argparse.Namespace, settings: ClientSettings) -> int:
+def _chat(args: argparse.Namespace, settings: BusSettings) -> int:
     interactive = sys.stdin.isatty()
     with asyncio.Runner() as runner:
         client = runner.run(_connect(settings, args.timeout))
@@ -224,7 +216,7 @@ async def _turn(conversation: Conversation, line: str, printer: "Printer") -> No
         print(f"chatbus: {error}", file=sys.stderr)
 
 
-def _models(args: argparse.Namespace, settings: ClientSettings) -> int:
+def _models(args: argparse.Namespace, settings: BusSettings) -> int:
     models = asyncio.run(_list_models(settings))
     if args.json:
         print(json.dumps([model.model_dump(mode="json") for model in models], indent=2))
@@ -233,7 +225,7 @@ def _models(args: argparse.Namespace, settings: ClientSettings) -> int:
     return 0
 
 
-async def _list_models(settings: ClientSettings) -> list[ModelInfo]:
+async def _list_models(settings: BusSettings) -> list[ModelInfo]:
     async with _connected(settings) as client:
         return await client.models()
 
@@ -259,7 +251,7 @@ def _models_table(models: list[ModelInfo]) -> str:
 
 @contextlib.asynccontextmanager
 async def _connected(
-    settings: ClientSettings, timeout: float | None = None
+    settings: BusSettings, timeout: float | None = None
 ) -> AsyncIterator[ChatClient]:
     client = await _connect(settings, timeout)
     try:
@@ -268,8 +260,8 @@ async def _connected(
         await client.close()
 
 
-async def _connect(settings: ClientSettings, timeout: float | None) -> ChatClient:
-    client = settings.client(timeout=timeout)
+async def _connect(settings: BusSettings, timeout: float | None) -> ChatClient:
+    client = ChatClient(settings.rabbitmq_url, names=settings.names, timeout=timeout)
     try:
         await client.connect()
     except (OSError, AMQPConnectionError) as error:

@@ -31,13 +31,15 @@ from aiormq.exceptions import ChannelInvalidStateError
 from faststream.rabbit import RabbitExchange
 from pydantic import BaseModel, ValidationError
 
-from chatbus import contract, topology
+from chatbus import topology
 from chatbus.contract import (
     DEADLINE_HEADER,
+    NAMES,
     CancelRequest,
     ChatMessage,
     ChatRequest,
     ChunkReply,
+    ContractNames,
     DoneReply,
     ErrorReply,
     ModelInfo,
@@ -50,11 +52,11 @@ from chatbus.errors import (
     ServiceUnavailableError,
     error_from_reply,
 )
-from chatbus.options import WorkerOptions
+from chatbus.settings import DEFAULT_RABBITMQ_URL
+
+__all__ = ["ChatClient", "ChatEvent", "Messages", "RequestFields", "Restarted"]
 
 logger = logging.getLogger("chatbus.client")
-
-DEFAULT_RABBITMQ_URL = "amqp://guest:guest@localhost:5672/"
 
 
 class Restarted(BaseModel):
@@ -120,7 +122,8 @@ class ChatClient:
         done = await client.chat("Why is the sky blue?")
     ```
 
-    The queue and exchange names default to the contract's. `timeout` is the default of every
+    `names` are the queues and exchanges to use, the contract's unless a deployment renamed
+    them. `timeout` is the default of every
     call's own `timeout`: seconds until the request's deadline, which is also sent to the
     worker (header `x-deadline`) so that it stops working on an answer nobody waits for.
     """
@@ -129,21 +132,13 @@ class ChatClient:
         self,
         rabbitmq_url: str = DEFAULT_RABBITMQ_URL,
         *,
-        requests_queue: str = contract.REQUESTS_QUEUE,
-        replies_exchange: str = contract.REPLIES_EXCHANGE,
-        cancel_exchange: str = contract.CANCEL_EXCHANGE,
-        models_queue: str = contract.MODELS_QUEUE,
+        names: ContractNames = NAMES,
         timeout: float | None = None,
         connection_name: str | None = None,
         reconnect_interval: float = 1.0,
     ) -> None:
         self._url = rabbitmq_url
-        self._names = WorkerOptions(
-            requests_queue=requests_queue,
-            replies_exchange=replies_exchange,
-            cancel_exchange=cancel_exchange,
-            models_queue=models_queue,
-        )
+        self._names = names
         self._timeout = timeout
         self._connection_name = (
             connection_name or f"chatbus-client@{socket.gethostname()}:{os.getpid()}"

@@ -5,21 +5,37 @@ Every reply carries `type`, `correlation_id`, `attempt` and `seq`; exactly one r
 attempt is terminal (`done` or `error`).
 """
 
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-REQUESTS_QUEUE = "chat.requests"
-REPLIES_EXCHANGE = "chat.replies"
-CANCEL_EXCHANGE = "chat.cancel"
-DEAD_LETTER_QUEUE = "chat.requests.dlq"
-MODELS_QUEUE = "chat.models"
-"""Request/reply: a message published here with `reply_to` is answered on that queue, with
-the request's correlation id, by a `ModelsReply` (or an `ErrorReply` when Ollama cannot be
-asked). The queue exists only while a worker is up, so a mandatory publish tells a
-requester at once that none is."""
+
+@dataclass(frozen=True)
+class ContractNames:
+    """The RabbitMQ objects of the contract. Every part of chatbus (the topology, the worker,
+    the client, the CLI, the tests) takes its names from one of these; the defaults are the
+    contract's, and a deployment may rename them all (settings `REQUESTS_QUEUE`, ...)."""
+
+    requests_queue: str = "chat.requests"
+    """Quorum queue the requests are published to; every worker consumes it."""
+    replies_exchange: str = "chat.replies"
+    """Direct exchange; requesters bind their queue under each request's correlation id."""
+    cancel_exchange: str = "chat.cancel"
+    """Fanout exchange: a `CancelRequest` here reaches every worker."""
+    dead_letter_queue: str = "chat.requests.dlq"
+    """Where invalid requests and requests that failed on every allowed delivery end."""
+    models_queue: str = "chat.models"
+    """Request/reply: a message published here with `reply_to` is answered on that queue,
+    with the request's correlation id, by a `ModelsReply` (or an `ErrorReply` when Ollama
+    cannot be asked). The queue exists only while a worker is up, so a mandatory publish
+    tells a requester at once that none is."""
+
+
+NAMES = ContractNames()
+"""The contract's names, as they are unless a deployment renames them."""
 
 DEADLINE_HEADER = "x-deadline"
 """Request header: absolute deadline as Unix epoch seconds (integer, decimal string or AMQP

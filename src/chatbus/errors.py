@@ -1,5 +1,9 @@
-"""What a chat request can fail with, as the requester sees it: one exception per error code
-of the contract, plus `ServiceUnavailableError` for a request that never reached a worker.
+"""What a chat request can fail with: one exception per error code of the contract, plus
+`ServiceUnavailableError` for a request that never reached a worker.
+
+The worker raises these where a request fails and answers each with its `error_reply`; the
+requester's client raises the same class again from that reply (`error_from_reply`), so both
+sides name a failure alike.
 
 ```
 ChatError                      code, message, retryable, correlation_id
@@ -33,6 +37,9 @@ class ChatError(Exception):
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r}, retryable={self.retryable})"
 
 
 class InvalidRequestError(ChatError):
@@ -98,4 +105,18 @@ _BY_CODE: dict[str, type[ChatError]] = {
 def error_from_reply(reply: ErrorReply) -> ChatError:
     return _BY_CODE[reply.code](
         reply.message, retryable=reply.retryable, correlation_id=reply.correlation_id
+    )
+
+
+def error_reply(
+    error: ChatError, correlation_id: str, attempt: int = 1, seq: int = 0
+) -> ErrorReply:
+    """The terminal reply that tells the requester about `error`."""
+    return ErrorReply(
+        correlation_id=correlation_id,
+        attempt=attempt,
+        seq=seq,
+        code=ErrorCode(error.code),
+        message=error.message,
+        retryable=error.retryable,
     )

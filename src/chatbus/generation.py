@@ -10,40 +10,18 @@ import contextlib
 import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import ollama
 
-from chatbus.contract import (
-    AssistantMessage,
-    ChatRequest,
-    ErrorCode,
-    Timings,
-    ToolCall,
-    Usage,
-)
+from chatbus.contract import AssistantMessage, ChatRequest, Timings, ToolCall, Usage
+from chatbus.errors import ChatError, ChatTimeoutError, DeadlineExceededError, UpstreamError
 from chatbus.instruments import NO_INSTRUMENTS, Instruments
-from chatbus.options import WorkerOptions
-from chatbus.upstream import ChatFailure, classify_upstream_error
+from chatbus.replies import ChunkSink, Completion
+from chatbus.settings import Chunking, Retries, Timeouts
+from chatbus.upstream import classify_upstream_error
 
-
-class ChunkSink(Protocol):
-    """Where a generation sends its chunks; raises to stop the generation."""
-
-    async def chunk(
-        self, content: str, thinking: str | None, tool_calls: list[ToolCall] | None
-    ) -> None: ...
-
-
-@dataclass(frozen=True)
-class Completion:
-    """What the terminal `done` reply reports."""
-
-    done_reason: str
-    model: str
-    message: AssistantMessage
-    usage: Usage
-    timings: Timings
+__all__ = ["Generation", "cancelled", "ollama_arguments"]
 
 
 class _Cancel:
@@ -125,7 +103,11 @@ class Generation:
         client: ollama.AsyncClient,
         request: ChatRequest,
         model: str,
-        options: WorkerOptions,
+        *,
+        timeouts: Timeouts,
+        retries: Retries,
+        chunking: Chunking,
+        max_num_predict: int,
         deadline: float | None = None,
         instruments: Instruments = NO_INSTRUMENTS,
     ) -> None:
@@ -133,7 +115,10 @@ class Generation:
         self._client = client
         self._request = request
         self._model = model
-        self._options = options
+        self._timeouts = timeouts
+        self._retries = retries
+        self._chunking = chunking
+        self._max_num_predict = max_num_predict
         self._deadline = deadline
         self._instruments = instruments
         self._inbox: asyncio.Queue[Any] = asyncio.Queue()
@@ -150,32 +135,28 @@ class Generation:
         self._inbox.put_nowait(_Cancel())
 
     async def run(self, sink: ChunkSink) -> Completion:
-        """Stream the answer into `sink`; return the completion or raise `ChatFailure`."""
+        """Stream the answer into `sink`; return the completion or raise a `ChatError`."""
         loop = asyncio.get_running_loop()
-        options = self._options
+        timeouts, retries = self._timeouts, self._retries
         started = self._started = loop.time()
-        stop_at = started + options.total_timeout
+        stop_at = started + timeouts.total
+        stop_failure: ChatError
         if self._deadline is not None and self._deadline < stop_at:
-            stop_at, stop_failure = (
-                self._deadline,
-                ChatFailure(
-                    ErrorCode.DEADLINE_EXCEEDED, "the request's deadline passed", retryable=False
-                ),
-            )
+            stop_at = self._deadline
+            stop_failure = DeadlineExceededError("the request's deadline passed", retryable=False)
         else:
-            stop_failure = ChatFailure(
-                ErrorCode.TIMEOUT,
-                f"no complete answer within the total timeout of {options.total_timeout:g}s",
+            stop_failure = ChatTimeoutError(
+                f"no complete answer within the total timeout of {timeouts.total:g}s",
                 retryable=True,
             )
-        retry_until = min(started + options.retry_budget, stop_at)
-        backoff = options.retry_initial_backoff
+        retry_until = min(started + retries.budget, stop_at)
+        backoff = retries.initial_backoff
         while True:
             reader = asyncio.create_task(self._read())
             try:
                 return await self._consume(sink, stop_at, stop_failure)
             except _Retryable as retry:
-                delay = min(backoff, options.retry_max_backoff) * random.uniform(0.5, 1.0)
+                delay = min(backoff, retries.max_backoff) * random.uniform(0.5, 1.0)
                 if loop.time() + delay > retry_until:
                     raise retry.failure from None
                 self._instruments.retry()
@@ -193,7 +174,7 @@ class Generation:
         try:
             with self._instruments.ollama_call(self._model) as call:
                 stream: AsyncIterator[ollama.ChatResponse] = await self._client.chat(
-                    **ollama_arguments(self._request, self._model, self._options.max_num_predict),
+                    **ollama_arguments(self._request, self._model, self._max_num_predict),
                     stream=True,
                 )
                 async with contextlib.aclosing(stream) as parts:  # type: ignore[type-var]
@@ -205,10 +186,10 @@ class Generation:
             self._inbox.put_nowait(error)
 
     async def _consume(
-        self, sink: ChunkSink, stop_at: float, stop_failure: ChatFailure
+        self, sink: ChunkSink, stop_at: float, stop_failure: ChatError
     ) -> Completion:
         loop = asyncio.get_running_loop()
-        options = self._options
+        flush_window, max_chars = self._chunking.flush_window, self._chunking.max_chars
         inbox = self._inbox
         answer = _Answer()
         parts_received = 0
@@ -219,9 +200,7 @@ class Generation:
                 wait_until, wait_failure = self._wait_limit(
                     parts_received, last_part_at, stop_at, stop_failure
                 )
-                flush_at = (
-                    last_flush_at + options.flush_window if answer.has_unsent() else wait_until
-                )
+                flush_at = last_flush_at + flush_window if answer.has_unsent() else wait_until
                 try:
                     item = await asyncio.wait_for(
                         inbox.get(), min(wait_until, flush_at) - loop.time()
@@ -249,8 +228,8 @@ class Generation:
                 if (
                     parts_received == 1
                     or item.message.tool_calls
-                    or answer.unsent_chars >= options.max_chunk_chars
-                    or last_part_at >= last_flush_at + options.flush_window
+                    or answer.unsent_chars >= max_chars
+                    or last_part_at >= last_flush_at + flush_window
                 ) and answer.has_unsent():
                     await sink.chunk(*answer.take_unsent())
                     last_flush_at = loop.time()
@@ -259,11 +238,7 @@ class Generation:
                     await sink.chunk(*answer.take_unsent())
                 return cancelled(self._model, answer.message(), parts_received)
             elif isinstance(item, _StreamEnd):
-                raise ChatFailure(
-                    ErrorCode.UPSTREAM_ERROR,
-                    "Ollama's stream ended without its final part",
-                    retryable=True,
-                )
+                raise UpstreamError("Ollama's stream ended without its final part", retryable=True)
             else:
                 failure, retry = classify_upstream_error(item, tokens_sent=parts_received > 0)
                 if retry:
@@ -271,27 +246,19 @@ class Generation:
                 raise failure
 
     def _wait_limit(
-        self, parts_received: int, last_part_at: float, stop_at: float, stop_failure: ChatFailure
-    ) -> tuple[float, ChatFailure]:
+        self, parts_received: int, last_part_at: float, stop_at: float, stop_failure: ChatError
+    ) -> tuple[float, ChatError]:
         """Until when the loop may wait for Ollama's next part, and the failure past it."""
-        options = self._options
+        timeouts = self._timeouts
         if parts_received:
-            limit, failure = (
-                last_part_at + options.idle_timeout,
-                ChatFailure(
-                    ErrorCode.TIMEOUT,
-                    f"no token for {options.idle_timeout:g}s (idle timeout)",
-                    retryable=True,
-                ),
+            limit = last_part_at + timeouts.idle
+            failure = ChatTimeoutError(
+                f"no token for {timeouts.idle:g}s (idle timeout)", retryable=True
             )
         else:
-            limit, failure = (
-                last_part_at + options.first_token_timeout,
-                ChatFailure(
-                    ErrorCode.TIMEOUT,
-                    f"no first token within {options.first_token_timeout:g}s",
-                    retryable=True,
-                ),
+            limit = last_part_at + timeouts.first_token
+            failure = ChatTimeoutError(
+                f"no first token within {timeouts.first_token:g}s", retryable=True
             )
         return (stop_at, stop_failure) if stop_at < limit else (limit, failure)
 
@@ -326,6 +293,8 @@ def cancelled(model: str, message: AssistantMessage | None = None, parts: int = 
 
 
 class _Retryable(Exception):
-    def __init__(self, failure: ChatFailure) -> None:
+    """The call failed before its first token in a way that calling again may mend."""
+
+    def __init__(self, failure: ChatError) -> None:
         super().__init__(str(failure))
         self.failure = failure

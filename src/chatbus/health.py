@@ -10,12 +10,15 @@ import time
 
 import aiormq
 import httpx
+from aio_pika import RobustQueue
 from faststream.asgi import AsgiResponse, get
 from faststream.asgi.handlers import GetHandler
 from faststream.asgi.response import JSONResponse
 from faststream.asgi.types import Scope
 from faststream.rabbit import RabbitBroker
 from faststream.rabbit.subscriber import RabbitSubscriber
+
+__all__ = ["OK", "Readiness", "liveness_endpoint", "readiness_endpoint"]
 
 OK = "ok"
 
@@ -81,12 +84,20 @@ class Readiness:
         return OK
 
 
+def _consumer_of(subscriber: RabbitSubscriber) -> tuple[RobustQueue | None, str | None]:
+    """The aio-pika queue a subscriber consumes and its consumer tag. FastStream keeps both
+    to itself (private attributes, checked against 0.7.x); this is the one place that
+    reaches in, because only the tag on the live channel proves that the consumer is there
+    after a reconnect (consumers not restored after a broker restart is a known
+    aio-pika/FastStream failure, faststream#2758)."""
+    queue: RobustQueue | None = subscriber._queue_obj
+    tag: str | None = subscriber._consumer_tag
+    return queue, tag
+
+
 async def _consuming(subscriber: RabbitSubscriber, timeout: float) -> bool:
-    """Whether RabbitMQ delivers to this subscriber now. FastStream keeps a subscriber's queue
-    and consumer tag to itself; the tag being registered on the live channel is what proves
-    the consumer is there, after a reconnect too (consumers not restored after a broker
-    restart is a known aio-pika/FastStream failure, faststream#2758)."""
-    queue, tag = subscriber._queue_obj, subscriber._consumer_tag
+    """Whether RabbitMQ delivers to this subscriber now."""
+    queue, tag = _consumer_of(subscriber)
     if queue is None or tag is None or queue.channel.is_closed:
         return False
     try:

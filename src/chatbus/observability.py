@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 from aio_pika import IncomingMessage
 from faststream.message import StreamMessage
@@ -39,6 +39,7 @@ from prometheus_client import (
 
 from chatbus.contract import DoneReply, TerminalReply
 from chatbus.instruments import OllamaCall
+from chatbus.settings import LogFormat
 
 # Seconds; from a warm model's first token to a cold load of a large one.
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)
@@ -261,9 +262,6 @@ class TextFormatter(logging.Formatter):
             return line
         first, newline, rest = line.partition("\n")
         return f"{first} {fields}{newline}{rest}"
-
-
-LogFormat = Literal["json", "text"]
 
 
 def configure_logging(level: str, log_format: LogFormat) -> None:

@@ -70,6 +70,10 @@ complete; detected at once, even during a delay, by watching the socket),
 ``await fake.wait_for(lambda: ..., timeout)``, ``wait_aborted(n)``,
 ``wait_completed(n)`` or ``wait_idle()``; they raise ``TimeoutError``.
 
+The worker itself: ``running_worker(settings)`` runs it in this process (an async
+context manager); ``WorkerProcess(settings)`` as a real process, started as production
+starts it, for tests that kill it.
+
 Standalone: ``python -m chatbus.testing.fake_ollama --host 127.0.0.1 --port 11434
 [--tokens N] [--token-delay S] [--first-token-delay S] [--model NAME ...]
 [--behaviour 'NAME={"error_after": 2}' ...]`` prints its URL and serves until
@@ -79,19 +83,28 @@ as JSON), so the fault modes work across processes too.
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from chatbus.testing.fake_ollama import Behaviour, FakeOllama
+    from chatbus.testing.workers import WorkerProcess, running_worker, settings_env
 
-__all__ = ["Behaviour", "FakeOllama"]
+_MODULE_OF = {
+    "Behaviour": "fake_ollama",
+    "FakeOllama": "fake_ollama",
+    "WorkerProcess": "workers",
+    "running_worker": "workers",
+    "settings_env": "workers",
+}
+__all__ = ["Behaviour", "FakeOllama", "WorkerProcess", "running_worker", "settings_env"]
 
 
 def __getattr__(name: str) -> Any:
     # Imported lazily so that ``python -m chatbus.testing.fake_ollama`` does not find
-    # the module already imported by its package (runpy warns about that).
-    if name in __all__:
-        from chatbus.testing import fake_ollama
-
-        return getattr(fake_ollama, name)
+    # the module already imported by its package (runpy warns about that), and the fake
+    # needs none of the worker's imports.
+    if name in _MODULE_OF:
+        module = importlib.import_module(f"chatbus.testing.{_MODULE_OF[name]}")
+        return getattr(module, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

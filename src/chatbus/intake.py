@@ -1,0 +1,124 @@
+"""What the worker reads from a request message before it calls Ollama: the request itself
+within the limits, its deadline, which delivery this is, and whether it was cancelled
+before it arrived. Pure functions of the message, so each is tested on its own."""
+
+import contextlib
+import json
+import time
+from collections import OrderedDict
+from datetime import datetime
+from decimal import Decimal
+
+from aio_pika.abc import AbstractIncomingMessage
+from pydantic import ValidationError
+
+from chatbus.contract import DEADLINE_HEADER, ChatRequest
+from chatbus.errors import InvalidRequestError
+from chatbus.settings import Limits
+
+__all__ = ["RecentCancels", "delivery_attempt", "parse_request", "request_deadline"]
+
+
+def parse_request(
+    body: bytes, content_type: str | None, limits: Limits, default_model: str
+) -> ChatRequest:
+    """The request in `body`; raises `InvalidRequestError` naming what is wrong."""
+    if content_type not in (None, "", "application/json"):
+        raise _invalid(f"content type must be application/json, got {content_type!r}")
+    _check_limit("request size in bytes", len(body), "max_request_bytes", limits)
+    try:
+        request = ChatRequest.model_validate(json.loads(body))
+    except (ValueError, TypeError) as error:
+        detail = (
+            "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}"
+                for e in error.errors()
+            )
+            if isinstance(error, ValidationError)
+            else f"body is not valid JSON: {error}"
+        )
+        raise _invalid(detail) from None
+    _check_limit("number of messages", len(request.messages), "max_messages", limits)
+    prompt_chars = sum(len(m.content) for m in request.messages)
+    _check_limit("prompt length in characters", prompt_chars, "max_prompt_chars", limits)
+    num_predict = (request.options or {}).get("num_predict")
+    if isinstance(num_predict, int):
+        # Ollama reads a negative num_predict as "no limit".
+        unlimited = num_predict < 0
+        _check_limit(
+            "options.num_predict",
+            limits.max_num_predict + 1 if unlimited else num_predict,
+            "max_num_predict",
+            limits,
+        )
+    model = request.model or default_model
+    if limits.allowed_models and model not in limits.allowed_models:
+        raise _invalid(f"model {model!r} is not in allowed_models")
+    return request
+
+
+def _check_limit(what: str, value: int, limit_name: str, limits: Limits) -> None:
+    limit = getattr(limits, limit_name)
+    if value > limit:
+        raise _invalid(f"{what} is {value}, over the limit {limit_name}={limit}")
+
+
+def _invalid(detail: str) -> InvalidRequestError:
+    return InvalidRequestError(detail, retryable=False)
+
+
+def delivery_attempt(message: AbstractIncomingMessage) -> int:
+    """1 for the first delivery. Quorum queues count earlier deliveries in x-delivery-count."""
+    count = (message.headers or {}).get("x-delivery-count")
+    if isinstance(count, int) and count >= 0:
+        return count + 1
+    return 2 if message.redelivered else 1
+
+
+def request_deadline(message: AbstractIncomingMessage) -> float | None:
+    """The requester's deadline as Unix time: the x-deadline header, or the AMQP expiration
+    counted from the message's timestamp (or from now when it has none)."""
+    deadlines = []
+    header = (message.headers or {}).get(DEADLINE_HEADER)
+    if header is not None:
+        deadlines.append(_epoch_seconds(header))
+    if message.expiration is not None:
+        sent_at = message.timestamp.timestamp() if message.timestamp else time.time()
+        deadlines.append(sent_at + float(message.expiration))  # type: ignore[arg-type]
+    return min(deadlines, default=None)
+
+
+def _epoch_seconds(header: object) -> float:
+    """An AMQP timestamp, an integer, a decimal or a numeric string. (A float header is
+    accepted but imprecise: common AMQP clients encode floats in 32 bits.)"""
+    if isinstance(header, datetime):
+        return header.timestamp()
+    if isinstance(header, int | float | Decimal) and not isinstance(header, bool):
+        return float(header)
+    if isinstance(header, bytes | str):
+        with contextlib.suppress(ValueError):
+            return float(header)
+    raise _invalid(f"header {DEADLINE_HEADER} must be Unix epoch seconds, got {header!r}")
+
+
+class RecentCancels:
+    """Cancels for requests this worker is not running (yet), kept for a bounded time and
+    number so that a request that arrives after its cancel is skipped."""
+
+    def __init__(self, ttl: float, max_entries: int = 100_000) -> None:
+        self._ttl = ttl
+        self._max_entries = max_entries
+        self._expiry: OrderedDict[str, float] = OrderedDict()
+
+    def add(self, correlation_id: str) -> None:
+        now = time.monotonic()
+        self._expiry[correlation_id] = now + self._ttl
+        self._expiry.move_to_end(correlation_id)
+        while self._expiry and (
+            len(self._expiry) > self._max_entries or next(iter(self._expiry.values())) < now
+        ):
+            self._expiry.popitem(last=False)
+
+    def pop(self, correlation_id: str) -> bool:
+        expiry = self._expiry.pop(correlation_id, None)
+        return expiry is not None and expiry >= time.monotonic()
