@@ -2,6 +2,7 @@
 fake Ollama, in a FastAPI app of its own (the gateway mounts the same router)."""
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -13,9 +14,10 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI, HTTPException
-from starlette.requests import HTTPConnection
+from fastapi import FastAPI
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidStatus
+from websockets.typing import Subprotocol
 
 from chatbus.client import ChatClient
 from chatbus.history import SqliteHistoryStore
@@ -32,15 +34,11 @@ ANSWER = "".join(DEFAULT_TOKENS)
 KEYS = {"key-a": "a", "key-b": "b"}
 
 
-def bearer_tenant(connection: HTTPConnection) -> str:
+def bearer_tenant(authorization: str | None) -> str | None:
     """A tenant per API key, as the gateway's keys give them; no key: the default tenant."""
-    authorization = connection.headers.get("authorization")
     if authorization is None:
         return ""
-    tenant = KEYS.get(authorization.removeprefix("Bearer "))
-    if tenant is None:
-        raise HTTPException(401, "invalid API key")
-    return tenant
+    return KEYS.get(authorization.removeprefix("Bearer "))
 
 
 @dataclass(frozen=True)
@@ -426,7 +424,7 @@ async def test_websocket_cancel_and_close_stop_the_generation(
 
 async def test_websocket_refuses_bad_session_ids_and_keys(served: Served) -> None:
     for session_id, headers in (("bad", {}), (new_session(), {"Authorization": "Bearer nope"})):
-        with pytest.raises(Exception, match="HTTP 403"):
+        with pytest.raises(InvalidStatus, match="HTTP 403"):
             async with served.ws(session_id, additional_headers=headers):
                 pass
 
@@ -464,3 +462,30 @@ async def test_the_page_and_its_files(served: Served) -> None:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith(kind)
         assert response.text.strip()
+
+
+async def test_a_browser_gives_its_key_as_a_subprotocol(
+    served: Served, fake_ollama: FakeOllama
+) -> None:
+    name = model(fake_ollama)
+    sid = new_session()
+    alice = {"Authorization": "Bearer key-a"}
+    await chat_sse(served.http, {"session_id": sid, "message": "one", "model": name}, headers=alice)
+
+    def offering(key: str) -> list[Subprotocol]:
+        encoded = base64.urlsafe_b64encode(key.encode()).decode().rstrip("=")
+        return [Subprotocol("chatbus"), Subprotocol(f"bearer.{encoded}")]
+
+    async with served.ws(sid, subprotocols=offering("key-a")) as socket:
+        assert socket.subprotocol == "chatbus"
+        await socket.send(json.dumps({"message": "two"}))
+        assert (await until_terminal(socket))[-1]["type"] == "done"
+    assert [m["content"] for m in await history_of(served, sid, headers=alice)] == [
+        "one",
+        ANSWER,
+        "two",
+        ANSWER,
+    ]
+    with pytest.raises(InvalidStatus, match="403"):
+        async with served.ws(sid, subprotocols=offering("key-c")):
+            pass

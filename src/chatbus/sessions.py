@@ -17,16 +17,17 @@ HTTP, as a router the gateway mounts (`sessions_router`):
 """
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from importlib import resources
 from typing import Any, Literal, Protocol, TypeVar
 
-from fastapi import APIRouter, HTTPException, Request, Response, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, Request, Response, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
-from starlette.requests import HTTPConnection
 
 from chatbus.client import ChatClient, ChatEvent
 from chatbus.contract import ChatMessage, DoneReply
@@ -130,12 +131,12 @@ class HistoryUnavailable(ChatError):
     code = "history_unavailable"
 
 
-TenantOf = Callable[[HTTPConnection], str]
-"""The tenant a request or WebSocket belongs to; raises HTTPException (401) when its
-credentials are missing or wrong."""
+TenantOf = Callable[[str | None], str | None]
+"""The tenant of a request's `Authorization` header (None: the request has none); None
+when it grants nothing. Without API keys, every request is of one tenant ("")."""
 
 
-def no_tenants(_: HTTPConnection) -> str:
+def no_tenants(_: str | None) -> str:
     return ""
 
 
@@ -268,6 +269,9 @@ _STATUS = {
 }
 _RETRY_AFTER_SECONDS = "1"
 _NO_SUCH_SESSION = "no such session"
+_NO_KEY = "a valid API key is needed: Authorization: Bearer KEY"
+_SUBPROTOCOL = "chatbus"
+_BEARER_PROTOCOL = "bearer."
 _PAGE = resources.files("chatbus") / "web"
 _PAGE_POLICY = (
     "default-src 'self'; connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'"
@@ -280,7 +284,9 @@ def sessions_router(sessions: Sessions, tenant_of: TenantOf = no_tenants) -> API
 
     @router.post("/chat", response_model=None)
     async def chat(request: Request) -> Response:
-        tenant = tenant_of(request)
+        tenant = tenant_of(request.headers.get("authorization"))
+        if tenant is None:
+            return _unauthorized()
         body = await request.body()
         try:
             sessions.check_size(body)
@@ -311,7 +317,9 @@ def sessions_router(sessions: Sessions, tenant_of: TenantOf = no_tenants) -> API
 
     @router.get("/history/{session_id}", response_model=HistoryView)
     async def history(session_id: str, request: Request) -> Response:
-        tenant = tenant_of(request)
+        tenant = tenant_of(request.headers.get("authorization"))
+        if tenant is None:
+            return _unauthorized()
         try:
             session = await sessions.history(tenant, _session_id(session_id))
         except ChatError as error:
@@ -322,7 +330,9 @@ def sessions_router(sessions: Sessions, tenant_of: TenantOf = no_tenants) -> API
 
     @router.delete("/history/{session_id}", status_code=204, response_model=None)
     async def forget(session_id: str, request: Request) -> Response:
-        tenant = tenant_of(request)
+        tenant = tenant_of(request.headers.get("authorization"))
+        if tenant is None:
+            return _unauthorized()
         try:
             deleted = await sessions.forget(tenant, _session_id(session_id))
         except ChatError as error:
@@ -331,16 +341,17 @@ def sessions_router(sessions: Sessions, tenant_of: TenantOf = no_tenants) -> API
 
     @router.websocket("/ws/{session_id}")
     async def socket(websocket: WebSocket, session_id: str) -> None:
-        try:
-            tenant = tenant_of(websocket)
-            _session_id(session_id)
-        except HTTPException as refused:
-            await websocket.close(code=1008, reason=str(refused.detail))
+        tenant = tenant_of(_socket_authorization(websocket))
+        if tenant is None:
+            await websocket.close(code=1008, reason=_NO_KEY)
             return
+        try:
+            _session_id(session_id)
         except InvalidRequestError as error:
             await websocket.close(code=1008, reason=error.message)
             return
-        await websocket.accept()
+        offered = websocket.scope.get("subprotocols", [])
+        await websocket.accept(subprotocol=_SUBPROTOCOL if _SUBPROTOCOL in offered else None)
         await _SocketConversation(sessions, websocket, tenant, session_id).run()
 
     @router.get("/", include_in_schema=False)
@@ -490,6 +501,22 @@ async def _unless_disconnected(request: Request, answer: Awaitable[_T]) -> _T | 
     return None if answering.cancelled() else answering.result()
 
 
+def _socket_authorization(websocket: WebSocket) -> str | None:
+    """The Authorization header, or for a browser, which cannot set one on a WebSocket,
+    the key it offers as the subprotocol `bearer.<the key in base64url>`."""
+    if (header := websocket.headers.get("authorization")) is not None:
+        return header
+    for offered in websocket.scope.get("subprotocols", []):
+        if offered.startswith(_BEARER_PROTOCOL):
+            encoded = offered.removeprefix(_BEARER_PROTOCOL)
+            try:
+                key = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
+            except (binascii.Error, UnicodeDecodeError):
+                return None
+            return f"Bearer {key}"
+    return None
+
+
 def _session_id(session_id: str) -> str:
     try:
         return check_session_id(session_id)
@@ -520,6 +547,16 @@ def _error_response(error: ChatError) -> Response:
     headers = {"Retry-After": _RETRY_AFTER_SECONDS} if status == 503 else None
     return Response(
         _error_event(error), status_code=status, media_type="application/json", headers=headers
+    )
+
+
+def _unauthorized() -> Response:
+    event = ErrorEvent(code="invalid_api_key", message=_NO_KEY, retryable=False)
+    return Response(
+        event.model_dump_json(exclude_none=True),
+        status_code=401,
+        media_type="application/json",
+        headers={"WWW-Authenticate": "Bearer"},
     )
 
 

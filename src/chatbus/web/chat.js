@@ -4,10 +4,12 @@
 
 const SESSION_KEY = "chatbus.session";
 const MODEL_KEY = "chatbus.model";
+const API_KEY = "chatbus.api-key";
 const MAX_RECONNECT_DELAY_MS = 10000;
 
 const $ = (id) => document.getElementById(id);
 const ui = {
+  apiKey: $("api-key"),
   conversation: $("conversation"),
   empty: $("empty"),
   error: $("error"),
@@ -35,6 +37,37 @@ function startSession() {
 }
 
 // kind "connection": cleared by itself once the socket is back.
+// With GATEWAY_API_KEYS set, every call carries the key the person typed in. A browser
+// cannot give a WebSocket an Authorization header: the key goes as a subprotocol.
+function authorization() {
+  const key = localStorage.getItem(API_KEY);
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
+function socketProtocols() {
+  const key = localStorage.getItem(API_KEY);
+  if (!key) return [];
+  const bytes = new TextEncoder().encode(key);
+  const base64 = btoa(String.fromCharCode(...bytes));
+  return ["chatbus", `bearer.${base64.replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "")}`];
+}
+
+function askForKey() {
+  ui.apiKey.hidden = false;
+  ui.apiKey.focus();
+  const which = localStorage.getItem(API_KEY) ? "That API key was refused" : "This gateway needs an API key";
+  showError(`${which}: enter one at the top and press Enter.`, "key");
+}
+
+async function call(path, options = {}) {
+  const response = await fetch(path, { ...options, headers: { ...authorization(), ...options.headers } });
+  if (response.status === 401) {
+    askForKey();
+    throw new Error("no valid API key");
+  }
+  return response;
+}
+
 function showError(text, kind = "") {
   ui.error.textContent = text;
   ui.error.dataset.kind = kind;
@@ -126,7 +159,7 @@ function onEvent(event) {
 function connect() {
   clearTimeout(reconnectTimer);
   const scheme = location.protocol === "https:" ? "wss" : "ws";
-  const opened = new WebSocket(`${scheme}://${location.host}/ws/${sessionId}`);
+  const opened = new WebSocket(`${scheme}://${location.host}/ws/${sessionId}`, socketProtocols());
   socket = opened;
   opened.onopen = () => {
     reconnectDelay = 500;
@@ -140,6 +173,7 @@ function connect() {
     setStatus("offline", false);
     endAnswer(answer !== null ? "interrupted: the connection was lost" : "");
     setAnswering(false);
+    if (ui.error.dataset.kind === "key") return; // waits for a key, then the page reloads
     const reason = closed.reason ? ` (${closed.reason})` : "";
     showError(`Lost the connection to the gateway${reason}; reconnecting…`, "connection");
     reconnectTimer = setTimeout(connect, reconnectDelay);
@@ -149,7 +183,7 @@ function connect() {
 
 async function loadModels() {
   try {
-    const response = await fetch("/api/tags");
+    const response = await call("/api/tags");
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
     const { models } = await response.json();
     for (const model of models) {
@@ -161,13 +195,15 @@ async function loadModels() {
     ui.model.value = localStorage.getItem(MODEL_KEY) || "";
     if (ui.model.selectedIndex < 0) ui.model.value = "";
   } catch (error) {
-    showError(`Could not list the models (${error.message}); the workers' default model answers.`);
+    if (ui.error.dataset.kind !== "key") {
+      showError(`Could not list the models (${error.message}); the workers' default model answers.`);
+    }
   }
 }
 
 async function loadHistory() {
   try {
-    const response = await fetch(`/history/${sessionId}`);
+    const response = await call(`/history/${sessionId}`);
     if (response.status === 404) return; // a new session
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
     const session = await response.json();
@@ -177,7 +213,7 @@ async function loadHistory() {
       }
     }
   } catch (error) {
-    showError(`Could not load the conversation (${error.message}).`);
+    if (ui.error.dataset.kind !== "key") showError(`Could not load the conversation (${error.message}).`);
   }
 }
 
@@ -206,9 +242,13 @@ async function newChat() {
   const previous = socket;
   connect();
   previous?.close();
-  const response = await fetch(`/history/${old}`, { method: "DELETE" });
-  if (!response.ok && response.status !== 404) {
-    showError(`Could not delete the previous conversation (HTTP ${response.status}).`);
+  try {
+    const response = await call(`/history/${old}`, { method: "DELETE" });
+    if (!response.ok && response.status !== 404) throw new Error(`HTTP ${response.status}`);
+  } catch (error) {
+    if (ui.error.dataset.kind !== "key") {
+      showError(`Could not delete the previous conversation (${error.message}).`);
+    }
   }
 }
 
@@ -229,6 +269,12 @@ ui.message.addEventListener("keydown", (event) => {
 
 ui.stop.addEventListener("click", () => {
   if (isOpen()) socket.send(JSON.stringify({ cancel: true }));
+});
+
+ui.apiKey.addEventListener("keydown", (event) => {
+  if (event.key !== "Enter" || !ui.apiKey.value) return;
+  localStorage.setItem(API_KEY, ui.apiKey.value);
+  location.reload();
 });
 
 ui.model.addEventListener("change", () => localStorage.setItem(MODEL_KEY, ui.model.value));
