@@ -14,6 +14,8 @@ HTTP, as a router the gateway mounts (`sessions_router`):
 - `WS /ws/{session_id}`: the client sends `{"message": ..., "model"?: ...}` or
   `{"cancel": true}` and receives the same events as JSON messages.
 - `/`: the web chat page.
+
+The tenant ("" without API keys) keeps its sessions apart from other tenants'.
 """
 
 import asyncio
@@ -29,10 +31,11 @@ from fastapi import APIRouter, Request, Response, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from chatbus.client import ChatClient, ChatEvent
-from chatbus.contract import ChatMessage, DoneReply
+from chatbus.client import ChatEvent
+from chatbus.contract import ChatMessage, ChatRequest, DoneReply
 from chatbus.errors import ChatError, InternalError, InvalidRequestError
 from chatbus.history import (
+    HistorySettings,
     HistoryStore,
     HistoryUnavailableError,
     InvalidSessionIdError,
@@ -40,6 +43,7 @@ from chatbus.history import (
     Turn,
     check_session_id,
 )
+from chatbus.settings import Limits as BusLimits
 
 logger = logging.getLogger("chatbus.sessions")
 
@@ -55,6 +59,15 @@ class Limits(Protocol):
     def max_prompt_chars(self) -> int: ...
     @property
     def max_messages(self) -> int: ...
+
+
+class SessionSettings(HistorySettings):
+    """What the gateway reads for its sessions: the `HISTORY_*` settings, and the bus's
+    request limits under the workers' names, so that one environment sets both."""
+
+    max_request_bytes: int = Field(default=BusLimits.max_request_bytes, ge=1)
+    max_prompt_chars: int = Field(default=BusLimits.max_prompt_chars, ge=1)
+    max_messages: int = Field(default=BusLimits.max_messages, ge=1)
 
 
 class _Strict(BaseModel):
@@ -140,26 +153,22 @@ def no_tenants(_: str | None) -> str:
     return ""
 
 
-class Sessions:
-    """Turns of sessions: the history in `store`, the answers from the bus."""
+Ask = Callable[[ChatRequest, str], AsyncGenerator[ChatEvent, None]]
+"""Sends a request of a tenant over the bus and yields its events as `ChatClient.stream`
+does (only the `DoneReply` for `stream: false`); closing it early cancels the generation.
+The gateway's is its `Bus`, which also checks that a worker is there and sends the tenant."""
 
-    def __init__(
-        self,
-        store: HistoryStore,
-        client: Callable[[], ChatClient],
-        limits: Limits,
-        *,
-        timeout: float | None = None,
-    ) -> None:
-        """`client` gives the gateway's connected client; `timeout` bounds each answer
-        (the request's deadline on the bus)."""
+
+class Sessions:
+    """Turns of sessions: the history in `store`, the answers from the bus through `ask`."""
+
+    def __init__(self, store: HistoryStore, ask: Ask, limits: Limits) -> None:
         self.store = store
-        self._client = client
+        self._ask = ask
         self._limits = limits
-        self._timeout = timeout
 
     async def turn(
-        self, tenant: str, session_id: str, request: TurnRequest
+        self, tenant: str, session_id: str, request: TurnRequest, *, stream: bool = True
     ) -> AsyncGenerator[ChatEvent, None]:
         """The answer's events, as `ChatClient.stream` yields them; the turn is stored
         before the `DoneReply` is yielded. Raises `ChatError`s. Close it (`aclosing`) when
@@ -168,12 +177,13 @@ class Sessions:
         async with self._history(), self.store.turn_lock(tenant, session_id):
             session = await self.store.get(tenant, session_id)
             system = request.system if request.system is not None else _system(session)
-            events = self._client().stream(
-                self._context(system, session.messages if session else [], question),
+            bus_request = ChatRequest(
+                messages=self._context(system, session.messages if session else [], question),
                 model=request.model or (session.model if session else None),
                 options=request.options,
-                timeout=self._timeout,
+                stream=stream,
             )
+            events = self._ask(bus_request, tenant)
             async with contextlib.aclosing(events):
                 async for event in events:
                     if isinstance(event, DoneReply) and event.done_reason != "cancelled":
@@ -300,7 +310,7 @@ def sessions_router(sessions: Sessions, tenant_of: TenantOf = no_tenants) -> API
             return _error_response(error)
         except ValidationError as error:
             return _error_response(_invalid(error))
-        events = sessions.turn(tenant, session_id, turn)
+        events = sessions.turn(tenant, session_id, turn, stream=parsed.stream)
         if parsed.stream:
             return StreamingResponse(
                 _server_sent(events),
