@@ -7,27 +7,25 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 from websockets.typing import Subprotocol
 
-from chatbus.client import ChatClient, ChatEvent
-from chatbus.contract import ChatRequest
+from chatbus.client import ChatClient
 from chatbus.history import SqliteHistoryStore
-from chatbus.sessions import Ask, Limits, Sessions, sessions_router
+from chatbus.sessions import Limits
 from chatbus.settings import Settings
 from chatbus.testing import FakeOllama
 from chatbus.testing.fake_ollama import DEFAULT_TOKENS
 from tests.support import model, requests_for
-from tests.web_support import serving, sse_events
+from tests.web_support import serving, sessions_app, sse_events
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -59,21 +57,6 @@ class Served:
         return connect(f"{self.url.replace('http', 'ws', 1)}/ws/{session_id}", **kwargs)
 
 
-def asking(client: ChatClient) -> Ask:
-    """The bus through the client alone (the gateway's Bus adds its checks)."""
-
-    def ask(request: ChatRequest, tenant: str) -> AsyncGenerator[ChatEvent, None]:
-        return client.stream(request.messages, model=request.model, options=request.options)
-
-    return ask
-
-
-@pytest.fixture(scope="module")
-async def bus(worker: Settings) -> AsyncIterator[ChatClient]:
-    async with ChatClient(worker.rabbitmq_url, names=worker.names, timeout=20) as client:
-        yield client
-
-
 @pytest.fixture
 def serve(
     bus: ChatClient, worker: Settings, tmp_path: Path
@@ -85,8 +68,7 @@ def serve(
         store = SqliteHistoryStore(
             tmp_path / f"{uuid.uuid4().hex}.sqlite3", ttl=3600, max_messages=max_messages
         )
-        app = FastAPI()
-        app.include_router(sessions_router(Sessions(store, asking(bus), limits), bearer_tenant))
+        app = sessions_app(bus, store, limits, bearer_tenant)
         try:
             async with serving(app) as url, httpx.AsyncClient(base_url=url, timeout=20) as http:
                 yield Served(url, store, http)

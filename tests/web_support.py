@@ -5,7 +5,7 @@ import asyncio
 import json
 import os
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -13,8 +13,14 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from fastapi import FastAPI
 from selenium import webdriver
 from starlette.types import ASGIApp
+
+from chatbus.client import ChatClient, ChatEvent
+from chatbus.contract import ChatRequest
+from chatbus.history import HistoryStore
+from chatbus.sessions import Ask, Limits, Sessions, TenantOf, no_tenants, sessions_router
 
 
 @asynccontextmanager
@@ -49,6 +55,30 @@ async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str, dict[
         elif line == "" and data:
             yield kind, json.loads(data)
             kind, data = "message", ""
+
+
+def asking(client: ChatClient) -> Ask:
+    """The bus through the client alone (the gateway's Bus adds its checks)."""
+
+    def ask(request: ChatRequest, tenant: str) -> AsyncGenerator[ChatEvent, None]:
+        return client.stream(request.messages, model=request.model, options=request.options)
+
+    return ask
+
+
+def sessions_app(
+    client: ChatClient, store: HistoryStore, limits: Limits, tenant_of: TenantOf = no_tenants
+) -> FastAPI:
+    """The sessions router in an app of its own, as the gateway mounts it, with a model
+    listing in the shape of the gateway's `/api/tags` for the page's picker."""
+    app = FastAPI()
+    app.include_router(sessions_router(Sessions(store, asking(client), limits), tenant_of))
+
+    @app.get("/api/tags")
+    async def tags() -> dict[str, list[dict[str, str]]]:
+        return {"models": [{"name": model.name} for model in await client.models()]}
+
+    return app
 
 
 def chromium(user_data_dir: Path) -> webdriver.Chrome:
