@@ -14,12 +14,13 @@ from typing import Any
 
 import httpx
 import pytest
+from redis.asyncio import Redis
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 from websockets.typing import Subprotocol
 
 from chatbus.client import ChatClient
-from chatbus.history import SqliteHistoryStore
+from chatbus.history import HistoryStore, RedisHistoryStore, SqliteHistoryStore
 from chatbus.sessions import Limits
 from chatbus.settings import Settings
 from chatbus.testing import FakeOllama
@@ -50,7 +51,7 @@ class SmallLimits:
 @dataclass
 class Served:
     url: str
-    store: SqliteHistoryStore
+    store: HistoryStore
     http: httpx.AsyncClient
 
     def ws(self, session_id: str, **kwargs: Any) -> Any:
@@ -63,9 +64,11 @@ def serve(
 ) -> Callable[..., contextlib.AbstractAsyncContextManager[Served]]:
     @contextlib.asynccontextmanager
     async def start(
-        limits: Limits = worker.limits, max_messages: int = 100
+        limits: Limits = worker.limits,
+        max_messages: int = 100,
+        store: HistoryStore | None = None,
     ) -> AsyncIterator[Served]:
-        store = SqliteHistoryStore(
+        store = store or SqliteHistoryStore(
             tmp_path / f"{uuid.uuid4().hex}.sqlite3", ttl=3600, max_messages=max_messages
         )
         app = sessions_app(bus, store, limits, bearer_tenant)
@@ -481,3 +484,45 @@ async def test_a_browser_gives_its_key_as_a_subprotocol(
     with pytest.raises(InvalidStatus, match="403"):
         async with served.ws(sid, subprotocols=offering("key-c")):
             pass
+
+
+@pytest.mark.redis
+async def test_two_gateways_share_sessions_in_redis(
+    serve: Callable[..., contextlib.AbstractAsyncContextManager[Served]],
+    fake_ollama: FakeOllama,
+    redis_url: str,
+    redis_prefix: str,
+) -> None:
+    """Turns sent to one session through two gateways at once: answered one after the
+    other (the second with the first in its history), both seen from either gateway."""
+    prefix = f"{redis_prefix}{uuid.uuid4().hex[:8]}:"
+
+    def redis_store() -> RedisHistoryStore:
+        return RedisHistoryStore(
+            Redis.from_url(redis_url), ttl=3600, max_messages=100, key_prefix=prefix
+        )
+
+    slow = model(fake_ollama, token_delay=0.05)
+    sid = new_session()
+    async with serve(store=redis_store()) as one, serve(store=redis_store()) as two:
+        first = asyncio.create_task(
+            chat_sse(one.http, {"session_id": sid, "message": "one", "model": slow})
+        )
+        await fake_ollama.wait_for(lambda: requests_for(fake_ollama, slow) == 1, timeout=5)
+        second = asyncio.create_task(
+            chat_sse(two.http, {"session_id": sid, "message": "two", "model": slow})
+        )
+        await asyncio.gather(first, second)
+        assert sent_messages(fake_ollama, slow)[1][:2] == [
+            {"role": "user", "content": "one"},
+            {"role": "assistant", "content": ANSWER},
+        ], "the second gateway waited for the first gateway's turn and sent it along"
+        for served in (one, two):
+            assert [m["content"] for m in await history_of(served, sid)] == [
+                "one",
+                ANSWER,
+                "two",
+                ANSWER,
+            ]
+        assert (await two.http.delete(f"/history/{sid}")).status_code == 204
+        assert (await one.http.get(f"/history/{sid}")).status_code == 404
