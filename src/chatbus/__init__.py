@@ -6,7 +6,7 @@ The public API is what this package exports (`__all__`) plus the modules
 Other modules are the worker's insides and may change without notice.
 """
 
-from importlib.metadata import version
+from importlib.metadata import version as _distribution_version
 
 from chatbus.client import ChatClient, ChatEvent, Messages, RequestFields, Restarted
 from chatbus.contract import (
@@ -40,7 +40,7 @@ from chatbus.errors import (
 )
 from chatbus.settings import BusSettings, Settings
 
-__version__ = version("chatbus")
+__version__ = _distribution_version("chatbus")
 
 __all__ = [
     "DEADLINE_HEADER",
