@@ -283,46 +283,67 @@ async def test_the_completion_reports_usage_and_timings(generations: Generations
     assert generation.log_timings()["first_token_ms"] >= 0
 
 
-# ----------------------------------------------------------------------------- timeouts
+# ----------------------------------------------------------------------------- faults
 
 
 @pytest.mark.parametrize(
-    ("fault", "timeouts", "chunks_first", "message"),
+    ("fault", "timeouts", "failure", "chunks_first", "message"),
     [
         pytest.param(
             {"first_token_delay": 30.0},
             Timeouts(first_token=0.2, idle=30.0, total=60.0),
+            ChatTimeoutError,
             0,
             "no first token within 0.2s",
-            id="first_token",
+            id="first_token_timeout",
         ),
         pytest.param(
             {"stall_after": 2},
             Timeouts(first_token=30.0, idle=0.2, total=60.0),
+            ChatTimeoutError,
             2,
             "no token for 0.2s (idle timeout)",
-            id="idle",
+            id="idle_timeout",
+        ),
+        pytest.param(
+            {"error_after": 2, "error_message": "out of memory"},
+            PATIENT,
+            UpstreamError,
+            2,
+            "Ollama failed: out of memory",
+            id="error_line",
+        ),
+        pytest.param(
+            {"disconnect_after": 3},
+            PATIENT,
+            UpstreamError,
+            3,
+            "Ollama connection lost mid-stream: RemoteProtocolError",
+            id="disconnect",
         ),
     ],
 )
-async def test_a_silent_ollama_times_out_and_its_stream_is_closed(
+async def test_a_fault_ends_in_the_chunks_so_far_and_one_error(
     fake: FakeOllama,
     generations: Generations,
     fault: dict[str, Any],
     timeouts: Timeouts,
+    failure: type[ChatError],
     chunks_first: int,
     message: str,
 ) -> None:
-    fake.models["silent"] = Behaviour(**fault)
+    fake.models["faulty"] = Behaviour(**fault)
     sink = ListSink()
 
-    with pytest.raises(ChatTimeoutError) as raised:
-        await generations.make("silent", timeouts=timeouts).run(sink)
+    with pytest.raises(failure) as raised:
+        await generations.make("faulty", timeouts=timeouts, retries=QUICK_RETRIES).run(sink)
 
     assert raised.value.message == message
     assert raised.value.retryable
     assert sink.contents == list(DEFAULT_TOKENS[:chunks_first])
-    await fake.wait_aborted()
+    assert len(fake.requests) == 1
+    if failure is ChatTimeoutError:  # the worker closed the stream, so Ollama stops
+        await fake.wait_aborted()
 
 
 @pytest.mark.parametrize(
@@ -356,7 +377,7 @@ async def test_the_earlier_of_total_timeout_and_deadline_ends_a_slow_stream(
     await fake.wait_aborted()
 
 
-# ----------------------------------------------------------------------------- failures
+# ----------------------------------------------------------------------------- retries
 
 
 @pytest.mark.parametrize(
@@ -430,42 +451,6 @@ async def test_a_request_ollama_refuses_fails_after_one_call(
         await generations.make(model, retries=QUICK_RETRIES).run(ListSink())
 
     assert not raised.value.retryable
-    assert len(fake.requests) == 1
-
-
-@pytest.mark.parametrize(
-    ("fault", "tokens_first", "message"),
-    [
-        pytest.param(
-            {"error_after": 2, "error_message": "out of memory"},
-            2,
-            "Ollama failed: out of memory",
-            id="error_line",
-        ),
-        pytest.param(
-            {"disconnect_after": 3},
-            3,
-            "Ollama connection lost mid-stream: RemoteProtocolError",
-            id="disconnect",
-        ),
-    ],
-)
-async def test_a_failure_mid_stream_is_not_retried(
-    fake: FakeOllama,
-    generations: Generations,
-    fault: dict[str, Any],
-    tokens_first: int,
-    message: str,
-) -> None:
-    fake.models["failing"] = Behaviour(**fault)
-    sink = ListSink()
-
-    with pytest.raises(UpstreamError) as raised:
-        await generations.make("failing", retries=QUICK_RETRIES).run(sink)
-
-    assert raised.value.message == message
-    assert raised.value.retryable
-    assert sink.contents == list(DEFAULT_TOKENS[:tokens_first])
     assert len(fake.requests) == 1
 
 
