@@ -3,14 +3,13 @@ it, and a sink that keeps the chunks in a list. How tokens become chunks, what t
 reports, and how each timeout, failure and cancel ends a generation."""
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
 import ollama
 import pytest
 
-from chatbus.contract import ChatRequest, TerminalReply, ToolCall
+from chatbus.contract import ChatRequest, ToolCall
 from chatbus.errors import (
     ChatError,
     ChatTimeoutError,
@@ -21,7 +20,7 @@ from chatbus.errors import (
     UpstreamUnavailableError,
 )
 from chatbus.generation import Generation
-from chatbus.instruments import NO_INSTRUMENTS, OllamaCall
+from chatbus.instruments import NO_INSTRUMENTS
 from chatbus.replies import RequesterGone
 from chatbus.settings import Chunking, Retries, Timeouts
 from chatbus.testing import Behaviour, FakeOllama
@@ -83,24 +82,18 @@ class BrokenSink:
 
 
 class CountingInstruments:
-    """Records nothing but the retries, which a test can wait for."""
+    """Counts the retries, which a test can wait for; records nothing else."""
 
     def __init__(self) -> None:
         self.retries = 0
         self.retried = asyncio.Event()
 
-    def ollama_call(self, model: str) -> contextlib.AbstractContextManager[OllamaCall]:
-        return NO_INSTRUMENTS.ollama_call(model)
-
-    def first_token(self, model: str, seconds: float) -> None:
-        NO_INSTRUMENTS.first_token(model, seconds)
-
     def retry(self) -> None:
         self.retries += 1
         self.retried.set()
 
-    def terminal_reply(self, reply: TerminalReply) -> None:
-        NO_INSTRUMENTS.terminal_reply(reply)
+    def __getattr__(self, name: str) -> Any:
+        return getattr(NO_INSTRUMENTS, name)
 
 
 class Generations:
