@@ -61,11 +61,6 @@ def test_a_public_module_has_what_it_exports(module: str) -> None:
     assert missing == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the README's examples import ChatClient, Restarted and Conversation from "
-    "chatbus.client and chatbus.conversation, which its Layout section calls internals",
-)
 def test_the_readme_s_examples_import_only_the_public_api() -> None:
     imported_from = set(re.findall(r"^from chatbus\.(\w+) import", README, re.MULTILINE))
 

@@ -26,11 +26,6 @@ EPOCH = 1_795_303_520  # 2026-11-22, Unix seconds
 DEFAULT_LIMITS = Limits()
 
 
-def known_bug(reason: str) -> pytest.MarkDecorator:
-    """A case that fails because of a bug in chatbus.intake; it must pass once that is fixed."""
-    return pytest.mark.xfail(strict=True, reason=reason)
-
-
 def delivered(
     headers: dict[str, Any] | None = None,
     *,
@@ -88,10 +83,6 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
             bytearray(f"{EPOCH}".encode()),
             EPOCH,
             id="byte_array",
-            marks=known_bug(
-                "an AMQP byte array arrives as a bytearray, which _epoch_seconds rejects "
-                "(it accepts bytes, which pamqp never delivers for a numeric header)"
-            ),
         ),
         pytest.param(datetime.fromtimestamp(EPOCH, UTC), EPOCH, id="amqp_timestamp"),
     ],
@@ -111,10 +102,6 @@ def test_x_deadline_header(header: object, deadline: float) -> None:
         pytest.param(
             "nan",
             id="nan",
-            marks=known_bug(
-                "float('nan') parses: the request is taken with a deadline that never "
-                "passes instead of being answered invalid_request"
-            ),
         ),
     ],
 )
@@ -276,18 +263,10 @@ def test_a_request_at_a_limit_passes_and_one_over_fails_naming_it(
         pytest.param(
             4097.0,
             id="float",
-            marks=known_bug(
-                "only an int num_predict is checked; Ollama reads a JSON float into "
-                "its int option (api.Options.FromMap), so 4097.0 passes MAX_NUM_PREDICT"
-            ),
         ),
         pytest.param(
             -1.0,
             id="negative_float",
-            marks=known_bug(
-                "only an int num_predict is checked; -1.0 reaches Ollama as -1: "
-                "generation without end"
-            ),
         ),
     ],
 )

@@ -2,7 +2,8 @@
 
 The public API is what this package exports (`__all__`) plus the modules
 `chatbus.contract` (the messages and names), `chatbus.errors` (the failure tree),
-`chatbus.settings`, `chatbus.service` (the worker) and `chatbus.testing` (the testing kit).
+`chatbus.client` and `chatbus.conversation` (the requester side), `chatbus.settings`,
+`chatbus.service` (the worker) and `chatbus.testing` (the testing kit).
 Other modules are the worker's insides and may change without notice.
 """
 
