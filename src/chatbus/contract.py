@@ -12,6 +12,30 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+__all__ = [
+    "DEADLINE_HEADER",
+    "NAMES",
+    "AssistantMessage",
+    "CancelRequest",
+    "ChatMessage",
+    "ChatRequest",
+    "ChunkReply",
+    "ContractNames",
+    "DoneReply",
+    "ErrorCode",
+    "ErrorReply",
+    "ModelInfo",
+    "ModelsReply",
+    "Reply",
+    "TerminalReply",
+    "Timings",
+    "ToolCall",
+    "ToolCallFunction",
+    "Usage",
+    "models_reply_adapter",
+    "reply_adapter",
+]
+
 
 @dataclass(frozen=True)
 class ContractNames:

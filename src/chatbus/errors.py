@@ -22,6 +22,20 @@ from typing import ClassVar
 
 from chatbus.contract import ErrorCode, ErrorReply
 
+__all__ = [
+    "ChatError",
+    "ChatTimeoutError",
+    "DeadlineExceededError",
+    "InternalError",
+    "InvalidRequestError",
+    "ModelNotFoundError",
+    "ServiceUnavailableError",
+    "UpstreamError",
+    "UpstreamUnavailableError",
+    "error_from_reply",
+    "error_reply",
+]
+
 
 class ChatError(Exception):
     """A chat request ended in an error. `retryable` says whether sending the same request

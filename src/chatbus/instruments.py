@@ -10,7 +10,7 @@ Each request ends in one log line whose fields a `RequestLog` gathers on the way
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol, Self
 
 from chatbus.contract import TerminalReply
@@ -38,6 +38,10 @@ class Instruments(Protocol):
     def terminal_reply(self, reply: TerminalReply) -> None:
         """A request's terminal reply was published (and confirmed)."""
 
+    def reply_published(self, destination: str) -> Callable[[], None]:
+        """What to call each time one of a request's replies is published to `destination`
+        (an exchange, or "default"): resolved once per request, called per reply."""
+
 
 class _NoCall:
     def answered(self) -> None:
@@ -57,6 +61,13 @@ class _NoInstruments:
 
     def terminal_reply(self, reply: TerminalReply) -> None:
         pass
+
+    def reply_published(self, destination: str) -> Callable[[], None]:
+        return _nothing
+
+
+def _nothing() -> None:
+    pass
 
 
 NO_INSTRUMENTS: Instruments = _NoInstruments()

@@ -4,6 +4,7 @@ before it arrived. Pure functions of the message, so each is tested on its own."
 
 import contextlib
 import json
+import math
 import time
 from collections import OrderedDict
 from datetime import datetime
@@ -42,12 +43,12 @@ def parse_request(
     prompt_chars = sum(len(m.content) for m in request.messages)
     _check_limit("prompt length in characters", prompt_chars, "max_prompt_chars", limits)
     num_predict = (request.options or {}).get("num_predict")
-    if isinstance(num_predict, int):
-        # Ollama reads a negative num_predict as "no limit".
+    # Ollama reads a JSON float into its integer option, and a negative one as "no limit".
+    if isinstance(num_predict, int | float) and not isinstance(num_predict, bool):
         unlimited = num_predict < 0
         _check_limit(
             "options.num_predict",
-            limits.max_num_predict + 1 if unlimited else num_predict,
+            limits.max_num_predict + 1 if unlimited else int(num_predict),
             "max_num_predict",
             limits,
         )
@@ -91,13 +92,17 @@ def request_deadline(message: AbstractIncomingMessage) -> float | None:
 def _epoch_seconds(header: object) -> float:
     """An AMQP timestamp, an integer, a decimal or a numeric string. (A float header is
     accepted but imprecise: common AMQP clients encode floats in 32 bits.)"""
+    seconds: float | None = None
     if isinstance(header, datetime):
-        return header.timestamp()
-    if isinstance(header, int | float | Decimal) and not isinstance(header, bool):
-        return float(header)
-    if isinstance(header, bytes | str):
+        seconds = header.timestamp()
+    elif isinstance(header, int | float | Decimal) and not isinstance(header, bool):
+        seconds = float(header)
+    elif isinstance(header, bytes | bytearray | str):
+        # A byte array is how Go's and Node's AMQP clients send a buffer.
         with contextlib.suppress(ValueError):
-            return float(header)
+            seconds = float(header)
+    if seconds is not None and math.isfinite(seconds):
+        return seconds
     raise _invalid(f"header {DEADLINE_HEADER} must be Unix epoch seconds, got {header!r}")
 
 

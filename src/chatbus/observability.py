@@ -83,6 +83,13 @@ class ServiceInstruments:
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
+        self._published = Counter(
+            "chatbus_replies_published",
+            "Replies published (chunks and terminal ones) and confirmed, by destination: "
+            "the replies exchange, or default for requesters' own reply_to queues.",
+            ["destination"],
+            registry=registry,
+        )
         self._retries = Counter(
             "chatbus_ollama_retries",
             "Chat calls repeated because Ollama was unavailable before the first token.",
@@ -122,6 +129,9 @@ class ServiceInstruments:
 
     def retry(self) -> None:
         self._retries.inc()
+
+    def reply_published(self, destination: str) -> Callable[[], None]:
+        return self._published.labels(destination).inc
 
     def terminal_reply(self, reply: TerminalReply) -> None:
         if isinstance(reply, DoneReply):

@@ -17,6 +17,17 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from chatbus.contract import NAMES, ContractNames
 
+__all__ = [
+    "DEFAULT_RABBITMQ_URL",
+    "BusSettings",
+    "Chunking",
+    "Limits",
+    "LogFormat",
+    "Retries",
+    "Settings",
+    "Timeouts",
+]
+
 DEFAULT_RABBITMQ_URL = "amqp://guest:guest@localhost:5672/"
 
 LogFormat = Literal["json", "text"]
