@@ -13,6 +13,7 @@ from chatbus.client import ChatClient, ChatEvent, Messages, RequestFields, Resta
 from chatbus.contract import (
     DEADLINE_HEADER,
     NAMES,
+    TENANT_HEADER,
     AssistantMessage,
     CancelRequest,
     ChatMessage,
@@ -46,6 +47,7 @@ __version__ = _distribution_version("chatbus")
 __all__ = [
     "DEADLINE_HEADER",
     "NAMES",
+    "TENANT_HEADER",
     "AssistantMessage",
     "BusSettings",
     "CancelRequest",
