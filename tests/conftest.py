@@ -20,6 +20,7 @@ import pytest
 
 from chatbus.settings import Settings
 from chatbus.testing import FakeOllama, running_worker
+from tests.gateway_support import Gateway, running_gateway
 from tests.support import Requester
 
 RUN_PREFIX = f"test-{uuid.uuid4().hex[:8]}"
@@ -156,3 +157,10 @@ async def requester(
 ) -> AsyncIterator[Requester]:
     async with Requester(amqp, worker) as requester:
         yield requester
+
+
+@pytest.fixture(scope="session")
+async def gateway(worker: Settings) -> AsyncIterator[Gateway]:
+    """The HTTP gateway in front of the shared worker, served in this process."""
+    async with running_gateway(worker) as gateway:
+        yield gateway
