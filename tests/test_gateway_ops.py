@@ -26,6 +26,7 @@ from chatbus.testing.fake_ollama import DEFAULT_TOKENS
 from tests.gateway_support import Gateway, gateway_settings, running_gateway
 from tests.support import REPO_ROOT, model
 from tests.test_ops_http import samples, value
+from tests.test_readme import readme_python_block
 
 ANSWER = "".join(DEFAULT_TOKENS)
 QUESTION = [{"role": "user", "content": "Why is the sky blue?"}]
@@ -297,3 +298,13 @@ async def test_the_request_queue_names_come_from_the_environment(
     settings = GatewaySettings()
     assert settings.requests_queue == "elsewhere.requests"
     assert (settings.gateway_host, settings.gateway_port) == ("127.0.0.1", 8080)
+
+
+async def test_the_readme_example_runs_against_the_gateway(
+    gateway: Gateway, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = readme_python_block("## Gateway").replace("http://127.0.0.1:8080", gateway.url)
+    # The example's clients block: in a thread, while this event loop serves the gateway.
+    await asyncio.to_thread(exec, compile(code, "README.md", "exec"), {})
+
+    assert capsys.readouterr().out == f"{ANSWER}\n{ANSWER}"
