@@ -3,7 +3,8 @@
 The public API is what this package exports (`__all__`) plus the modules
 `chatbus.contract` (the messages and names), `chatbus.errors` (the failure tree),
 `chatbus.client` and `chatbus.conversation` (the requester side), `chatbus.settings`,
-`chatbus.service` (the worker) and `chatbus.testing` (the testing kit).
+`chatbus.service` (the worker), `chatbus.testing` (the testing kit) and `chatbus.gateway`
+(the HTTP gateway).
 Other modules are the worker's insides and may change without notice.
 """
 
