@@ -17,7 +17,14 @@ import aio_pika
 from aio_pika.abc import AbstractRobustConnection
 
 from bench import scenarios
-from bench.processes import FakeOllamaProcess, PeakRss, cpu_seconds, rss_mb, worker_process
+from bench.processes import (
+    FakeOllamaProcess,
+    PeakRss,
+    cpu_seconds,
+    gateway_process,
+    rss_mb,
+    worker_process,
+)
 from bench.report import print_table, targets
 from bench.requester import Requester
 from chatbus.settings import Chunking, Settings
@@ -116,6 +123,28 @@ async def _throughput_and_first_token(
     }
 
 
+async def _gateway(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    """The same streams through the HTTP gateway, read with the same `ollama` client as the
+    direct baseline: the client, the gateway, the worker and the fake each a process."""
+    async with worker_process(settings), gateway_process(settings) as gateway:
+        client = scenarios.direct_client(gateway.url, args.streams)
+        await scenarios.gateway_tokens_per_second(client, args.streams)  # warm-up
+        rates, cpu_per_token = [], []
+        for _ in range(args.rounds):
+            cpu_before = cpu_seconds(gateway.pid)
+            rate, tokens = await scenarios.gateway_tokens_per_second(client, args.streams)
+            cpu_per_token.append((cpu_seconds(gateway.pid) - cpu_before) / tokens)
+            rates.append(rate)
+        first_token = await scenarios.gateway_first_token(client, args.first_token_samples)
+        await client.close()  # type: ignore[no-untyped-call]
+    return {
+        "tokens_per_second": statistics.median(rates),
+        "tokens_per_second_rounds": rates,
+        "gateway_cpu_us_per_token": statistics.median(cpu_per_token) * 1e6,
+        "first_token_ms": scenarios.summary(first_token),
+    }
+
+
 async def _paced(
     args: argparse.Namespace, connection: AbstractRobustConnection, settings: Settings
 ) -> dict[str, Any]:
@@ -177,6 +206,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
                 prefetch=max(args.streams, args.paced_streams),
             )
             results["service"] = await _throughput_and_first_token(args, connection, settings)
+            results["gateway"] = await _gateway(args, settings)
 
         async with FakeOllamaProcess(args.paced_tokens, args.token_delay) as paced:
             client = scenarios.direct_client(paced.url, args.paced_streams)

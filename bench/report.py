@@ -9,6 +9,8 @@ LATENESS_SLACK_MS = 20.0
 RSS_PEAK_MAX_MB = 250.0
 RSS_IDLE_MAX_MB = 80.0
 MESSAGES_PER_TOKEN_MAX = 0.1
+GATEWAY_THROUGHPUT_RATIO_MIN = 0.7
+GATEWAY_ADDED_FIRST_TOKEN_MAX_MS = 5.0
 
 
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -58,6 +60,23 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 paced["broker_messages_per_token"] <= MESSAGES_PER_TOKEN_MAX,
             ),
         ]
+    gateway = results["gateway"]
+    gateway_ratio = gateway["tokens_per_second"] / direct["tokens_per_second"]
+    gateway_added = gateway["first_token_ms"]["p50"] - direct["first_token_ms"]["p50"]
+    rows += [
+        _target(
+            "throughput: gateway (ollama client) / direct client",
+            gateway_ratio,
+            f">= {GATEWAY_THROUGHPUT_RATIO_MIN}",
+            gateway_ratio >= GATEWAY_THROUGHPUT_RATIO_MIN,
+        ),
+        _target(
+            "gateway: added first-token p50, ms",
+            gateway_added,
+            f"<= {GATEWAY_ADDED_FIRST_TOKEN_MAX_MS:g}",
+            gateway_added <= GATEWAY_ADDED_FIRST_TOKEN_MAX_MS,
+        ),
+    ]
     rows.append(
         _target(
             "worker RSS idle, MB",
@@ -80,6 +99,7 @@ def print_table(results: dict[str, Any]) -> None:
         f"({machine['worker_event_loop']} in the worker), RabbitMQ {machine['rabbitmq']}\n"
     )
     direct, service, hop = results["direct"], results["service"], results["amqp_hop"]
+    gateway = results["gateway"]
     params = results["parameters"]
     measurements = [
         (
@@ -100,6 +120,20 @@ def print_table(results: dict[str, Any]) -> None:
         ("service, worker CPU per token", f"{service['worker_cpu_us_per_token']:.1f} us"),
         ("service, broker messages per token", f"{service['broker_messages_per_token']:.3f}"),
         ("service, first token p50 / p99", _ms_pair(service["first_token_ms"])),
+        (
+            f"gateway (ollama client), {params['streams']} streams x {params['tokens']} tokens",
+            f"{gateway['tokens_per_second']:,.0f} tokens/s",
+        ),
+        ("gateway, CPU per token", f"{gateway['gateway_cpu_us_per_token']:.1f} us"),
+        ("gateway, first token p50 / p99", _ms_pair(gateway["first_token_ms"])),
+        (
+            "gateway, added first token p50 / p99 (over the client alone)",
+            _ms_pair(_difference(gateway["first_token_ms"], direct["first_token_ms"])),
+        ),
+        (
+            "gateway, added first token p50 / p99 (over the service's AMQP requester)",
+            _ms_pair(_difference(gateway["first_token_ms"], service["first_token_ms"])),
+        ),
         (
             "ollama client alone, paced token lateness p50 / p99",
             _ms_pair(results["direct_paced"]["token_lateness_ms"]),
@@ -134,6 +168,10 @@ def print_table(results: dict[str, Any]) -> None:
             for row in results["targets"]
         ],
     )
+
+
+def _difference(summary: dict[str, float], baseline: dict[str, float]) -> dict[str, float]:
+    return {p: summary[p] - baseline[p] for p in ("p50", "p99")}
 
 
 def _ms_pair(summary: dict[str, float]) -> str:

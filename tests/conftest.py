@@ -22,6 +22,7 @@ from redis import Redis
 from chatbus.client import ChatClient
 from chatbus.settings import Settings
 from chatbus.testing import FakeOllama, running_worker
+from tests.gateway_support import Gateway, running_gateway
 from tests.support import Requester
 
 RUN_PREFIX = f"test-{uuid.uuid4().hex[:8]}"
@@ -191,3 +192,10 @@ async def bus(worker: Settings) -> AsyncIterator[ChatClient]:
     """A client of the shared worker, as a gateway holds one."""
     async with ChatClient(worker.rabbitmq_url, names=worker.names, timeout=20) as client:
         yield client
+
+
+@pytest.fixture(scope="session")
+async def gateway(worker: Settings) -> AsyncIterator[Gateway]:
+    """The HTTP gateway in front of the shared worker, served in this process."""
+    async with running_gateway(worker) as gateway:
+        yield gateway

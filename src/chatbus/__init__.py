@@ -3,7 +3,8 @@
 The public API is what this package exports (`__all__`) plus the modules
 `chatbus.contract` (the messages and names), `chatbus.errors` (the failure tree),
 `chatbus.client` and `chatbus.conversation` (the requester side), `chatbus.settings`,
-`chatbus.service` (the worker) and `chatbus.testing` (the testing kit).
+`chatbus.service` (the worker), `chatbus.testing` (the testing kit) and `chatbus.gateway`
+(the HTTP gateway).
 Other modules are the worker's insides and may change without notice.
 """
 
@@ -13,6 +14,7 @@ from chatbus.client import ChatClient, ChatEvent, Messages, RequestFields, Resta
 from chatbus.contract import (
     DEADLINE_HEADER,
     NAMES,
+    TENANT_HEADER,
     AssistantMessage,
     CancelRequest,
     ChatMessage,
@@ -46,6 +48,7 @@ __version__ = _distribution_version("chatbus")
 __all__ = [
     "DEADLINE_HEADER",
     "NAMES",
+    "TENANT_HEADER",
     "AssistantMessage",
     "BusSettings",
     "CancelRequest",

@@ -195,6 +195,7 @@ class ChatClient:
         *,
         timeout: float | None = None,
         correlation_id: str | None = None,
+        headers: Mapping[str, Any] | None = None,
         **fields: Unpack[RequestFields],
     ) -> AsyncGenerator[ChatEvent, None]:
         """The answer as it is generated: `ChunkReply`s in order, then the `DoneReply`.
@@ -208,9 +209,12 @@ class ChatClient:
         the worker. `break` does that as soon as the generator is garbage collected (at once
         in CPython); `async with contextlib.aclosing(client.stream(...))` does it on leaving
         the block.
+
+        `headers` go on the request message as AMQP headers (e.g. `x-tenant`), beside the
+        `x-deadline` the client sets.
         """
         request = _request(messages, stream=True, **fields)
-        return self._exchange(request, timeout, correlation_id)
+        return self._exchange(request, timeout, correlation_id, headers)
 
     async def chat(
         self,
@@ -218,13 +222,15 @@ class ChatClient:
         *,
         timeout: float | None = None,
         correlation_id: str | None = None,
+        headers: Mapping[str, Any] | None = None,
         **fields: Unpack[RequestFields],
     ) -> DoneReply:
         """The whole answer: `message` (`content`, `thinking`, `tool_calls`), `done_reason`,
         `model`, `usage` and `timings`. Raises a `ChatError` as `stream` does; cancelling the
         task cancels the generation."""
         request = _request(messages, stream=False, **fields)
-        async with contextlib.aclosing(self._exchange(request, timeout, correlation_id)) as events:
+        exchange = self._exchange(request, timeout, correlation_id, headers)
+        async with contextlib.aclosing(exchange) as events:
             async for event in events:
                 if isinstance(event, DoneReply):
                     return event
@@ -251,13 +257,34 @@ class ChatClient:
             raise error_from_reply(answer)
         return answer.models
 
+    async def workers(self) -> int:
+        """How many workers take requests now: the consumers of the requests queue (0 when
+        no worker has declared it yet). A request sent while there are none waits in the
+        queue until one comes, or its deadline passes."""
+        # A channel of its own, not robust: a queue that does not exist closes the channel.
+        try:
+            async with aio_pika.Channel(self._connection) as channel:
+                queue = await channel.declare_queue(self._names.requests_queue, passive=True)
+        except aio_pika.exceptions.ChannelNotFoundEntity:
+            return 0
+        return queue.declaration_result.consumer_count or 0
+
+    @property
+    def connected(self) -> bool:
+        """Whether the connection to RabbitMQ is up (it reconnects by itself)."""
+        return self._connection.connected.is_set()
+
     async def _exchange(
-        self, request: ChatRequest, timeout: float | None, correlation_id: str | None
+        self,
+        request: ChatRequest,
+        timeout: float | None,
+        correlation_id: str | None,
+        extra_headers: Mapping[str, Any] | None,
     ) -> AsyncGenerator[ChatEvent, None]:
         timeout = self._timeout if timeout is None else timeout
         call = self._call(correlation_id or uuid.uuid4().hex, timeout)
         correlation_id = call.correlation_id
-        headers: dict[str, Any] = {}
+        headers: dict[str, Any] = dict(extra_headers or {})
         if timeout is not None:
             # A string: pamqp (under aio-pika) sends a float as 32 bits, a minute off by now.
             headers[DEADLINE_HEADER] = f"{time.time() + timeout:.3f}"
@@ -320,17 +347,26 @@ class ChatClient:
     async def _publish(
         self, body: bytes, queue: str, correlation_id: str, **properties: Any
     ) -> None:
-        """Publish to a queue, mandatory: a queue that does not exist means no worker."""
-        confirmation = await self._channel.default_exchange.publish(
-            aio_pika.Message(
-                body,
-                content_type="application/json",
+        """Publish to a queue, mandatory: a queue that does not exist means no worker. A
+        publish the broker refuses (nack) means the queue is full: the request queue's
+        overflow policy is reject-publish."""
+        try:
+            confirmation = await self._channel.default_exchange.publish(
+                aio_pika.Message(
+                    body,
+                    content_type="application/json",
+                    correlation_id=correlation_id,
+                    **properties,
+                ),
+                routing_key=queue,
+                mandatory=True,
+            )
+        except aio_pika.exceptions.DeliveryError:
+            raise ServiceUnavailableError(
+                f"queue {queue!r} refused the request: it is full",
+                retryable=True,
                 correlation_id=correlation_id,
-                **properties,
-            ),
-            routing_key=queue,
-            mandatory=True,
-        )
+            ) from None
         if isinstance(confirmation, DeliveredMessage):
             raise ServiceUnavailableError(
                 f"no queue {queue!r}: no worker has declared it",

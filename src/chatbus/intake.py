@@ -1,6 +1,6 @@
 """What the worker reads from a request message before it calls Ollama: the request itself
-within the limits, its deadline, which delivery this is, and whether it was cancelled
-before it arrived. Pure functions of the message, so each is tested on its own."""
+within the limits, its deadline, its tenant, which delivery this is, and whether it was
+cancelled before it arrived. Pure functions of the message, so each is tested on its own."""
 
 import contextlib
 import json
@@ -13,11 +13,17 @@ from decimal import Decimal
 from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
 
-from chatbus.contract import DEADLINE_HEADER, ChatRequest
+from chatbus.contract import DEADLINE_HEADER, MAX_TENANT_CHARS, TENANT_HEADER, ChatRequest
 from chatbus.errors import InvalidRequestError
 from chatbus.settings import Limits
 
-__all__ = ["RecentCancels", "delivery_attempt", "parse_request", "request_deadline"]
+__all__ = [
+    "RecentCancels",
+    "delivery_attempt",
+    "parse_request",
+    "request_deadline",
+    "request_tenant",
+]
 
 
 def parse_request(
@@ -87,6 +93,15 @@ def request_deadline(message: AbstractIncomingMessage) -> float | None:
         sent_at = message.timestamp.timestamp() if message.timestamp else time.time()
         deadlines.append(sent_at + float(message.expiration))  # type: ignore[arg-type]
     return min(deadlines, default=None)
+
+
+def request_tenant(message: AbstractIncomingMessage) -> str | None:
+    """The x-tenant header as text, cut to a length fit for a log line."""
+    header = (message.headers or {}).get(TENANT_HEADER)
+    if header is None:
+        return None
+    text = header.decode(errors="replace") if isinstance(header, bytes | bytearray) else str(header)
+    return text[:MAX_TENANT_CHARS]
 
 
 def _epoch_seconds(header: object) -> float:
