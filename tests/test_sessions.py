@@ -20,8 +20,8 @@ from websockets.exceptions import InvalidStatus
 from websockets.typing import Subprotocol
 
 from chatbus.client import ChatClient
+from chatbus.gateway.sessions import Limits
 from chatbus.history import HistoryStore, RedisHistoryStore, SqliteHistoryStore
-from chatbus.sessions import Limits
 from chatbus.settings import Settings
 from chatbus.testing import FakeOllama
 from chatbus.testing.fake_ollama import DEFAULT_TOKENS

@@ -19,8 +19,8 @@ from starlette.types import ASGIApp
 
 from chatbus.client import ChatClient, ChatEvent
 from chatbus.contract import ChatRequest
+from chatbus.gateway.sessions import Ask, Limits, Sessions, TenantOf, no_tenants, sessions_router
 from chatbus.history import HistoryStore
-from chatbus.sessions import Ask, Limits, Sessions, TenantOf, no_tenants, sessions_router
 
 
 @asynccontextmanager

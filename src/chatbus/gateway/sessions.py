@@ -45,7 +45,7 @@ from chatbus.history import (
 )
 from chatbus.settings import Limits as BusLimits
 
-logger = logging.getLogger("chatbus.sessions")
+logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
@@ -282,7 +282,7 @@ _NO_SUCH_SESSION = "no such session"
 _NO_KEY = "a valid API key is needed: Authorization: Bearer KEY"
 _SUBPROTOCOL = "chatbus"
 _BEARER_PROTOCOL = "bearer."
-_PAGE = resources.files("chatbus") / "web"
+_PAGE = resources.files("chatbus.gateway") / "web"
 _PAGE_POLICY = (
     "default-src 'self'; connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'"
 )
