@@ -8,10 +8,11 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 from starlette.types import Message
 
 from chatbus.client import ChatEvent, Restarted
-from chatbus.contract import ChunkReply, DoneReply
+from chatbus.contract import ChatRequest, ChunkReply, DoneReply
 from chatbus.errors import (
     ChatError,
     ChatTimeoutError,
@@ -22,6 +23,7 @@ from chatbus.errors import (
     ServiceUnavailableError,
     UpstreamError,
     UpstreamUnavailableError,
+    validation_problems,
 )
 from chatbus.gateway.answers import Answer
 from chatbus.gateway.errors import Failure, Refused
@@ -47,6 +49,24 @@ def test_each_error_code_has_its_status(error: type[ChatError], status: int) -> 
 
     assert (failure.status, failure.code, failure.message) == (status, error.code, "what happened")
     assert ("Retry-After" in failure.headers) == (status == 503)
+
+
+def test_validation_problems_name_the_fields_and_never_repeat_the_input() -> None:
+    secret = "the user's private words"
+    with pytest.raises(ValidationError) as raised:
+        ChatRequest.model_validate({"messages": [{"role": "robot", "content": secret}], "x": 1})
+    fastapi_places = [{**e, "loc": ("body", *e["loc"])} for e in raised.value.errors()]
+
+    for errors in (raised.value.errors(), fastapi_places):
+        message, field = validation_problems(errors)
+        assert message.startswith("messages.0.role: Input should be")
+        assert "; x: Extra inputs are not permitted" in message
+        assert secret not in message
+        assert field == "messages.0.role"
+    assert validation_problems([{"loc": (), "msg": "not an object"}]) == (
+        "body: not an object",
+        None,
+    )
 
 
 # --- OpenAI's requests as the contract's ----------------------------------------------------

@@ -18,7 +18,8 @@ ChatError                      code, message, retryable, correlation_id
 ```
 """
 
-from typing import ClassVar
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 from chatbus.contract import ErrorCode, ErrorReply
 
@@ -34,6 +35,7 @@ __all__ = [
     "UpstreamUnavailableError",
     "error_from_reply",
     "error_reply",
+    "validation_problems",
 ]
 
 
@@ -134,3 +136,19 @@ def error_reply(
         message=error.message,
         retryable=error.retryable,
     )
+
+
+def validation_problems(errors: Sequence[Any]) -> tuple[str, str | None]:
+    """Pydantic's validation errors (`ValidationError.errors()`) as one message, `field: what
+    is wrong; ...`, and the first field named. Only the places and pydantic's messages:
+    its full text repeats the input, which may be the user's words. `body` is the request
+    as a whole; FastAPI's places begin with it, and it is left out before a field."""
+    described = []
+    fields = []
+    for problem in errors:
+        place = [str(part) for part in problem["loc"]]
+        field = ".".join(place[1:] if place[:1] == ["body"] else place)
+        described.append(f"{field or 'body'}: {problem['msg']}")
+        if field:
+            fields.append(field)
+    return "; ".join(described), next(iter(fields), None)

@@ -14,7 +14,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
 
 from chatbus.contract import DEADLINE_HEADER, MAX_TENANT_CHARS, TENANT_HEADER, ChatRequest
-from chatbus.errors import InvalidRequestError
+from chatbus.errors import InvalidRequestError, validation_problems
 from chatbus.settings import Limits
 
 __all__ = [
@@ -35,16 +35,10 @@ def parse_request(
     _check_limit("request size in bytes", len(body), "max_request_bytes", limits)
     try:
         request = ChatRequest.model_validate(json.loads(body))
+    except ValidationError as error:
+        raise _invalid(validation_problems(error.errors())[0]) from None
     except (ValueError, TypeError) as error:
-        detail = (
-            "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}"
-                for e in error.errors()
-            )
-            if isinstance(error, ValidationError)
-            else f"body is not valid JSON: {error}"
-        )
-        raise _invalid(detail) from None
+        raise _invalid(f"body is not valid JSON: {error}") from None
     _check_limit("number of messages", len(request.messages), "max_messages", limits)
     prompt_chars = sum(len(m.content) for m in request.messages)
     _check_limit("prompt length in characters", prompt_chars, "max_prompt_chars", limits)

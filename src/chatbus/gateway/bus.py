@@ -20,8 +20,8 @@ from pydantic import ValidationError
 
 from chatbus.client import ChatClient, ChatEvent, RequestFields
 from chatbus.contract import TENANT_HEADER, ChatRequest, ModelInfo
-from chatbus.errors import ServiceUnavailableError
-from chatbus.gateway.errors import invalid, problems
+from chatbus.errors import ServiceUnavailableError, validation_problems
+from chatbus.gateway.errors import invalid
 
 
 @dataclass
@@ -39,7 +39,7 @@ def contract_request(values: dict[str, Any]) -> ChatRequest:
     try:
         return ChatRequest.model_validate(values)
     except ValidationError as error:
-        raise invalid(*problems(error.errors())) from None
+        raise invalid(*validation_problems(error.errors())) from None
 
 
 class WorkerPresence:

@@ -7,7 +7,7 @@ an SSE event for OpenAI.
 """
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -26,6 +26,7 @@ from chatbus.errors import (
     ServiceUnavailableError,
     UpstreamError,
     UpstreamUnavailableError,
+    validation_problems,
 )
 
 RETRY_AFTER_SECONDS = 1
@@ -154,20 +155,8 @@ async def on_refused(request: Request, error: Exception) -> JSONResponse:
 async def on_invalid_body(request: Request, error: Exception) -> JSONResponse:
     """A body that does not fit the route's model: 400 (both APIs), naming the field."""
     assert isinstance(error, RequestValidationError)
-    return error_response(errors_for(request), invalid(*problems(error.errors())).failure)
-
-
-def problems(errors: Sequence[Any]) -> tuple[str, str | None]:
-    """Pydantic's validation errors as one message (`field: what is wrong; ...`), and the
-    first field named."""
-    described = []
-    fields = []
-    for problem in errors:
-        field = ".".join(str(part) for part in problem["loc"] if part != "body")
-        described.append(f"{field}: {problem['msg']}" if field else problem["msg"])
-        if field:
-            fields.append(field)
-    return "; ".join(described), next(iter(fields), None)
+    refused = invalid(*validation_problems(error.errors()))
+    return error_response(errors_for(request), refused.failure)
 
 
 async def on_http_error(request: Request, error: Exception) -> JSONResponse:

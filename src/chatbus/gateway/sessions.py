@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from chatbus.client import ChatEvent
 from chatbus.contract import ChatMessage, ChatRequest, DoneReply
-from chatbus.errors import ChatError, InternalError, InvalidRequestError
+from chatbus.errors import ChatError, InternalError, InvalidRequestError, validation_problems
 from chatbus.history import (
     HistorySettings,
     HistoryStore,
@@ -535,11 +535,7 @@ def _session_id(session_id: str) -> str:
 
 
 def _invalid(error: ValidationError) -> InvalidRequestError:
-    # The messages and places only: pydantic's own text repeats the input, the user's words.
-    detail = "; ".join(
-        f"{'.'.join(str(part) for part in e['loc']) or 'body'}: {e['msg']}" for e in error.errors()
-    )
-    return InvalidRequestError(detail, retryable=False)
+    return InvalidRequestError(validation_problems(error.errors())[0], retryable=False)
 
 
 def _error_event(error: ChatError) -> str:
