@@ -15,6 +15,7 @@ from chatbus.contract import ChatMessage
 from chatbus.history import (
     HistorySettings,
     HistoryStore,
+    HistoryUnavailableError,
     InvalidSessionIdError,
     RedisHistoryStore,
     SqliteHistoryStore,
@@ -332,12 +333,32 @@ def test_session_ids_are_checked() -> None:
             check_session_id(bad)
 
 
-def test_history_url_chooses_the_store(tmp_path: Path) -> None:
-    sqlite = open_history_store(HistorySettings(history_url=f"sqlite:///{tmp_path}/h.sqlite3"))
+async def test_history_url_chooses_the_store(tmp_path: Path) -> None:
+    path = tmp_path / "h.sqlite3"
+    sqlite = open_history_store(HistorySettings(history_url=f"sqlite:///{path}"))
     assert isinstance(sqlite, SqliteHistoryStore)
-    assert (tmp_path / "h.sqlite3").exists()
-    asyncio.run(sqlite.close())
+    assert not path.exists(), "a gateway whose sessions are never used writes no file"
+    assert await sqlite.get("", session_id()) is None
+    assert path.exists()
+    await sqlite.close()
     redis = open_history_store(HistorySettings(history_url="redis://127.0.0.1:6379/0"))
     assert isinstance(redis, RedisHistoryStore)
+    await redis.close()
     with pytest.raises(ValueError, match="history_url"):
         HistorySettings(history_url="postgres://localhost/db")
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["sqlite:///{tmp_path}/no-such-folder/h.sqlite3", "redis://127.0.0.1:1/0"],
+    ids=["sqlite", "redis"],
+)
+async def test_a_store_that_cannot_be_reached_says_so(tmp_path: Path, url: str) -> None:
+    store = open_history_store(HistorySettings(history_url=url.format(tmp_path=tmp_path)))
+    try:
+        with pytest.raises(HistoryUnavailableError):
+            await store.get("", session_id())
+        with pytest.raises(HistoryUnavailableError):
+            await store.add_turn("", session_id(), turn(1))
+    finally:
+        await store.close()

@@ -47,11 +47,9 @@ CREATE INDEX IF NOT EXISTS sessions_by_expiry ON sessions (expires_at);
 class SqliteHistoryStore(HistoryStore):
     def __init__(self, path: str | Path, *, ttl: float, max_messages: int) -> None:
         super().__init__(ttl=ttl, max_messages=max_messages)
+        self._path = path
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatbus-history")
-        # Autocommit mode: every write below opens its own transaction explicitly.
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(_SCHEMA)
+        self._db: sqlite3.Connection | None = None
 
     async def get(self, tenant: str, session_id: str) -> Session | None:
         return await self._run(self._get, tenant, session_id)
@@ -63,7 +61,7 @@ class SqliteHistoryStore(HistoryStore):
         return await self._run(self._delete, tenant, session_id)
 
     async def close(self) -> None:
-        await self._run(self._db.close)
+        await self._run(self._close)
         self._thread.shutdown()
 
     async def _run(self, call: Callable[..., _T], *args: object) -> _T:
@@ -72,8 +70,24 @@ class SqliteHistoryStore(HistoryStore):
         except sqlite3.Error as error:
             raise HistoryUnavailableError(f"SQLite: {error}") from error
 
+    def _open(self) -> sqlite3.Connection:
+        """The database, opened on first use (in the store's thread): a gateway whose
+        sessions are never used writes no file."""
+        if self._db is None:
+            # Autocommit mode: every write below opens its own transaction explicitly.
+            db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(_SCHEMA)
+            self._db = db
+        return self._db
+
+    def _close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+
     def _get(self, tenant: str, session_id: str) -> Session | None:
-        row = self._db.execute(
+        db = self._open()
+        row = db.execute(
             "SELECT model, system, messages, created_at, updated_at, expires_at FROM sessions"
             " WHERE tenant = ? AND session_id = ? AND expires_at > ?",
             (tenant, session_id, time.time()),
@@ -93,11 +107,12 @@ class SqliteHistoryStore(HistoryStore):
 
     def _add_turn(self, tenant: str, session_id: str, turn: Turn) -> None:
         now = time.time()
+        db = self._open()
         # IMMEDIATE: take the write lock before reading, so the read-modify-write is whole.
-        self._db.execute("BEGIN IMMEDIATE")
+        db.execute("BEGIN IMMEDIATE")
         try:
-            self._db.execute("DELETE FROM sessions WHERE expires_at <= ?", (now,))
-            row = self._db.execute(
+            db.execute("DELETE FROM sessions WHERE expires_at <= ?", (now,))
+            row = db.execute(
                 "SELECT messages FROM sessions WHERE tenant = ? AND session_id = ?",
                 (tenant, session_id),
             ).fetchone()
@@ -106,7 +121,7 @@ class SqliteHistoryStore(HistoryStore):
                 message.model_dump(mode="json", exclude_none=True)
                 for message in (turn.question, turn.answer)
             ]
-            self._db.execute(
+            db.execute(
                 "INSERT INTO sessions (tenant, session_id, model, system, messages, created_at,"
                 " updated_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (tenant, session_id) DO UPDATE SET model = excluded.model,"
@@ -124,12 +139,12 @@ class SqliteHistoryStore(HistoryStore):
                 ),
             )
         except BaseException:
-            self._db.execute("ROLLBACK")
+            db.execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
+        db.execute("COMMIT")
 
     def _delete(self, tenant: str, session_id: str) -> bool:
-        deleted = self._db.execute(
+        deleted = self._open().execute(
             "DELETE FROM sessions WHERE tenant = ? AND session_id = ? AND expires_at > ?",
             (tenant, session_id, time.time()),
         )
