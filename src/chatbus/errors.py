@@ -35,6 +35,7 @@ __all__ = [
     "UpstreamUnavailableError",
     "error_from_reply",
     "error_reply",
+    "over_limit",
     "validation_problems",
 ]
 
@@ -152,3 +153,10 @@ def validation_problems(errors: Sequence[Any]) -> tuple[str, str | None]:
         if field:
             fields.append(field)
     return "; ".join(described), next(iter(fields), None)
+
+
+def over_limit(what: str, value: int, limit_name: str, limit: int) -> InvalidRequestError:
+    """The refusal of a request over one of the limits, naming the setting."""
+    return InvalidRequestError(
+        f"{what} is {value}, over the limit {limit_name}={limit}", retryable=False
+    )

@@ -14,7 +14,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
 
 from chatbus.contract import DEADLINE_HEADER, MAX_TENANT_CHARS, TENANT_HEADER, ChatRequest
-from chatbus.errors import InvalidRequestError, validation_problems
+from chatbus.errors import InvalidRequestError, over_limit, validation_problems
 from chatbus.settings import Limits
 
 __all__ = [
@@ -61,7 +61,7 @@ def parse_request(
 def _check_limit(what: str, value: int, limit_name: str, limits: Limits) -> None:
     limit = getattr(limits, limit_name)
     if value > limit:
-        raise _invalid(f"{what} is {value}, over the limit {limit_name}={limit}")
+        raise over_limit(what, value, limit_name, limit)
 
 
 def _invalid(detail: str) -> InvalidRequestError:
