@@ -12,7 +12,7 @@ import socket
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from chatbus.contract import NAMES, ContractNames
@@ -23,6 +23,7 @@ __all__ = [
     "Chunking",
     "Limits",
     "LogFormat",
+    "RequestLimitSettings",
     "Retries",
     "Settings",
     "Timeouts",
@@ -108,7 +109,17 @@ class BusSettings(BaseSettings):
         )
 
 
-class Settings(BusSettings):
+class RequestLimitSettings(BaseModel):
+    """The limits on a request's size, which a requester that builds requests (the gateway's
+    sessions) checks before it sends, under the same names as the worker that enforces them,
+    so that one environment sets both."""
+
+    max_request_bytes: int = Field(default=Limits.max_request_bytes, ge=1)
+    max_prompt_chars: int = Field(default=Limits.max_prompt_chars, ge=1)
+    max_messages: int = Field(default=Limits.max_messages, ge=1)
+
+
+class Settings(BusSettings, RequestLimitSettings):
     """The worker's settings."""
 
     ollama_host: str = Field(default="http://localhost:11434")
@@ -156,9 +167,6 @@ class Settings(BusSettings):
     flush_window: float = Field(default=Chunking.flush_window, ge=0)
     max_chunk_chars: int = Field(default=Chunking.max_chars, ge=1)
 
-    max_request_bytes: int = Field(default=Limits.max_request_bytes, ge=1)
-    max_prompt_chars: int = Field(default=Limits.max_prompt_chars, ge=1)
-    max_messages: int = Field(default=Limits.max_messages, ge=1)
     max_num_predict: int = Field(default=Limits.max_num_predict, ge=1)
     allowed_models: list[str] = Field(default_factory=list)
 
