@@ -19,7 +19,6 @@ import aio_pika
 import pytest
 from redis import Redis
 
-from chatbus.client import ChatClient
 from chatbus.settings import Settings
 from chatbus.testing import FakeOllama, running_worker
 from tests.gateway_support import Gateway, running_gateway
@@ -185,13 +184,6 @@ def redis_prefix(redis_url: str) -> Iterator[str]:
         keys = list(client.scan_iter(match=f"{prefix}*"))
         if keys:
             client.delete(*keys)
-
-
-@pytest.fixture(scope="session")
-async def bus(worker: Settings) -> AsyncIterator[ChatClient]:
-    """A client of the shared worker, as a gateway holds one."""
-    async with ChatClient(worker.rabbitmq_url, names=worker.names, timeout=20) as client:
-        yield client
 
 
 @pytest.fixture(scope="session")

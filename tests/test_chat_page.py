@@ -1,6 +1,5 @@
-"""The chat page in Debian's headless Chromium, driven by Selenium, against the sessions
-router (in an app of its own until the gateway branch is merged), the real worker and the
-fake Ollama.
+"""The chat page in Debian's headless Chromium, driven by Selenium, against the gateway,
+the real worker and the fake Ollama.
 
 Selenium blocks, so each browser step runs in a thread while the event loop serves the
 gateway and the worker.
@@ -19,13 +18,12 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.select import Select
 from selenium.webdriver.support.wait import WebDriverWait
 
-from chatbus.client import ChatClient
-from chatbus.history import SqliteHistoryStore
 from chatbus.settings import Settings
 from chatbus.testing import FakeOllama
 from chatbus.testing.fake_ollama import DEFAULT_TOKENS
+from tests.gateway_support import running_gateway
 from tests.support import model
-from tests.web_support import chromium, serving, sessions_app
+from tests.web_support import chromium
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.browser]
 
@@ -37,13 +35,10 @@ _T = TypeVar("_T")
 
 
 @pytest.fixture
-async def page_url(bus: ChatClient, worker: Settings, tmp_path: Path) -> AsyncIterator[str]:
-    store = SqliteHistoryStore(tmp_path / "history.sqlite3", ttl=3600, max_messages=100)
-    try:
-        async with serving(sessions_app(bus, store, worker.limits)) as url:
-            yield url
-    finally:
-        await store.close()
+async def page_url(worker: Settings, tmp_path: Path) -> AsyncIterator[str]:
+    history_url = f"sqlite:///{tmp_path / 'history.sqlite3'}"
+    async with running_gateway(worker, history_url=history_url) as gateway:
+        yield f"{gateway.url}/"
 
 
 @pytest.fixture

@@ -29,6 +29,7 @@ from chatbus.gateway.answers import Answer
 from chatbus.gateway.errors import Failure, Refused
 from chatbus.gateway.ollama_api import ChatFormat
 from chatbus.gateway.openai_api import CompletionBody, CompletionFormat, contract_values
+from chatbus.gateway.sessions import HistoryUnavailable
 
 
 @pytest.mark.parametrize(
@@ -42,6 +43,7 @@ from chatbus.gateway.openai_api import CompletionBody, CompletionFormat, contrac
         (ServiceUnavailableError, 503),
         (ChatTimeoutError, 504),
         (DeadlineExceededError, 504),
+        (HistoryUnavailable, 503),  # a subclass: its parent's status, its own code
     ],
 )
 def test_each_error_code_has_its_status(error: type[ChatError], status: int) -> None:

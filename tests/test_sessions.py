@@ -1,5 +1,5 @@
-"""The sessions API over real HTTP and WebSocket clients, against the real worker and the
-fake Ollama, in a FastAPI app of its own (the gateway mounts the same router)."""
+"""The sessions API of the gateway over real HTTP and WebSocket clients, against the real
+worker and the fake Ollama; the page's files and the gateway's answer at `/`."""
 
 import asyncio
 import base64
@@ -14,78 +14,60 @@ from typing import Any
 
 import httpx
 import pytest
-from redis.asyncio import Redis
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 from websockets.typing import Subprotocol
 
-from chatbus.client import ChatClient
-from chatbus.gateway.sessions import Limits
-from chatbus.history import HistoryStore, RedisHistoryStore, SqliteHistoryStore
 from chatbus.settings import Settings
 from chatbus.testing import FakeOllama
 from chatbus.testing.fake_ollama import DEFAULT_TOKENS
+from tests.gateway_support import Gateway, running_gateway
 from tests.support import model, requests_for
-from tests.web_support import serving, sessions_app, sse_events
+from tests.web_support import sse_events
 
 pytestmark = pytest.mark.rabbitmq
 
 ANSWER = "".join(DEFAULT_TOKENS)
 KEYS = {"key-a": "a", "key-b": "b"}
 
-
-def bearer_tenant(authorization: str | None) -> str | None:
-    """A tenant per API key, as the gateway's keys give them; no key: the default tenant."""
-    if authorization is None:
-        return ""
-    return KEYS.get(authorization.removeprefix("Bearer "))
-
-
-@dataclass(frozen=True)
-class SmallLimits:
-    max_request_bytes: int = 1_000_000
-    max_prompt_chars: int = 200_000
-    max_messages: int = 500
+Serve = Callable[..., contextlib.AbstractAsyncContextManager["Served"]]
 
 
 @dataclass
 class Served:
-    url: str
-    store: HistoryStore
+    gateway: Gateway
     http: httpx.AsyncClient
 
     def ws(self, session_id: str, **kwargs: Any) -> Any:
-        return connect(f"{self.url.replace('http', 'ws', 1)}/ws/{session_id}", **kwargs)
+        return connect(f"{self.gateway.url.replace('http', 'ws', 1)}/ws/{session_id}", **kwargs)
 
 
 @pytest.fixture
-def serve(
-    bus: ChatClient, worker: Settings, tmp_path: Path
-) -> Callable[..., contextlib.AbstractAsyncContextManager[Served]]:
+def serve(worker: Settings, tmp_path: Path) -> Serve:
     @contextlib.asynccontextmanager
-    async def start(
-        limits: Limits = worker.limits,
-        max_messages: int = 100,
-        store: HistoryStore | None = None,
-    ) -> AsyncIterator[Served]:
-        store = store or SqliteHistoryStore(
-            tmp_path / f"{uuid.uuid4().hex}.sqlite3", ttl=3600, max_messages=max_messages
-        )
-        app = sessions_app(bus, store, limits, bearer_tenant)
-        try:
-            async with serving(app) as url, httpx.AsyncClient(base_url=url, timeout=20) as http:
-                yield Served(url, store, http)
-        finally:
-            await store.close()
+    async def start(**settings: Any) -> AsyncIterator[Served]:
+        """The gateway in front of the shared worker, with sessions in a SQLite file of
+        its own unless `settings` (the gateway's) say otherwise."""
+        history_url = f"sqlite:///{tmp_path / uuid.uuid4().hex}.sqlite3"
+        async with (
+            running_gateway(worker, **({"history_url": history_url} | settings)) as gateway,
+            httpx.AsyncClient(base_url=gateway.url, timeout=20) as http,
+        ):
+            yield Served(gateway, http)
 
     return start
 
 
 @pytest.fixture
-async def served(
-    serve: Callable[..., contextlib.AbstractAsyncContextManager[Served]],
-) -> AsyncIterator[Served]:
+async def served(serve: Serve) -> AsyncIterator[Served]:
     async with serve() as served:
+        yield served
+
+
+@pytest.fixture
+async def keyed(serve: Serve) -> AsyncIterator[Served]:
+    """A gateway with API keys on."""
+    async with serve(gateway_api_keys=KEYS) as served:
         yield served
 
 
@@ -194,14 +176,10 @@ async def test_a_json_answer_with_stream_false(served: Served, fake_ollama: Fake
     ],
 )
 async def test_invalid_requests_are_refused_before_the_bus(
-    serve: Callable[..., contextlib.AbstractAsyncContextManager[Served]],
-    fake_ollama: FakeOllama,
-    body: dict[str, Any],
-    names: str,
+    serve: Serve, fake_ollama: FakeOllama, body: dict[str, Any], names: str
 ) -> None:
-    limits = SmallLimits(max_request_bytes=300, max_prompt_chars=100)
     before = len(fake_ollama.requests)
-    async with serve(limits) as served:
+    async with serve(max_request_bytes=300, max_prompt_chars=100) as served:
         for stream in (True, False):
             response = await served.http.post("/chat", json=body | {"stream": stream})
             assert response.status_code == 400, response.text
@@ -263,7 +241,8 @@ async def test_a_client_that_leaves_cancels_the_generation(
     assert await history_of(served, sid) == []
 
 
-async def test_history_get_delete_and_tenants(served: Served, fake_ollama: FakeOllama) -> None:
+async def test_history_get_delete_and_tenants(keyed: Served, fake_ollama: FakeOllama) -> None:
+    served = keyed
     name = model(fake_ollama)
     sid = new_session()
     alice = {"Authorization": "Bearer key-a"}
@@ -275,9 +254,15 @@ async def test_history_get_delete_and_tenants(served: Served, fake_ollama: FakeO
 
     assert (await served.http.get(f"/history/{sid}", headers=bob)).status_code == 404
     assert (await served.http.delete(f"/history/{sid}", headers=bob)).status_code == 404
-    assert (await served.http.get(f"/history/{sid}")).status_code == 404, "nor without a key"
-    refused = await served.http.get(f"/history/{sid}", headers={"Authorization": "Bearer nope"})
-    assert refused.status_code == 401
+    for refused in (
+        await served.http.get(f"/history/{sid}"),
+        await served.http.get(f"/history/{sid}", headers={"Authorization": "Bearer nope"}),
+        await served.http.delete(f"/history/{sid}", headers={"Authorization": "key-a"}),
+        await served.http.post("/chat", json={"session_id": sid, "message": "Hi"}),
+    ):
+        assert refused.status_code == 401
+        assert refused.headers["www-authenticate"] == "Bearer"
+        assert refused.json()["code"] == "invalid_api_key"
 
     await chat_sse(served.http, {"session_id": sid, "message": "bob's", "model": name}, headers=bob)
     assert sent_messages(fake_ollama, name)[-1] == [{"role": "user", "content": "bob's"}]
@@ -290,7 +275,9 @@ async def test_history_get_delete_and_tenants(served: Served, fake_ollama: FakeO
     assert (await served.http.get(f"/history/{sid}", headers=alice)).status_code == 404
     assert (await served.http.delete(f"/history/{sid}", headers=alice)).status_code == 404
     assert len(await history_of(served, sid, headers=bob)) == 2
-    assert (await served.http.get("/history/bad")).status_code == 400
+    assert (await served.http.get("/history/bad", headers=bob)).status_code == 400
+    metrics = (await served.http.get("/metrics")).text
+    assert 'chatbus_gateway_requests_total{route="/chat",status="200",tenant="a"} 1.0' in metrics
 
 
 async def test_two_turns_at_once_are_answered_one_after_the_other(
@@ -316,11 +303,11 @@ async def test_two_turns_at_once_are_answered_one_after_the_other(
 
 
 async def test_the_bus_gets_the_latest_turns_that_fit_its_limits(
-    serve: Callable[..., contextlib.AbstractAsyncContextManager[Served]], fake_ollama: FakeOllama
+    serve: Serve, fake_ollama: FakeOllama
 ) -> None:
     name = model(fake_ollama, tokens=["ok"])
     sid = new_session()
-    async with serve(SmallLimits(max_messages=6, max_prompt_chars=30)) as served:
+    async with serve(max_messages=6, max_prompt_chars=30) as served:
         for n in range(4):
             await chat_sse(
                 served.http,
@@ -336,12 +323,10 @@ async def test_the_bus_gets_the_latest_turns_that_fit_its_limits(
         assert len(await history_of(served, sid)) == 8, "the stored history keeps every turn"
 
 
-async def test_history_is_trimmed_to_its_maximum(
-    serve: Callable[..., contextlib.AbstractAsyncContextManager[Served]], fake_ollama: FakeOllama
-) -> None:
+async def test_history_is_trimmed_to_its_maximum(serve: Serve, fake_ollama: FakeOllama) -> None:
     name = model(fake_ollama, tokens=["ok"])
     sid = new_session()
-    async with serve(max_messages=4) as served:
+    async with serve(history_max_messages=4) as served:
         for n in range(3):
             await chat_sse(served.http, {"session_id": sid, "message": f"q{n}", "model": name})
         assert [m["content"] for m in await history_of(served, sid)] == ["q1", "ok", "q2", "ok"]
@@ -417,10 +402,14 @@ async def test_websocket_cancel_and_close_stop_the_generation(
     assert await history_of(served, sid) == []
 
 
-async def test_websocket_refuses_bad_session_ids_and_keys(served: Served) -> None:
-    for session_id, headers in (("bad", {}), (new_session(), {"Authorization": "Bearer nope"})):
+async def test_websocket_refuses_bad_session_ids_and_keys(keyed: Served) -> None:
+    for session_id, headers in (
+        ("bad", {"Authorization": "Bearer key-a"}),
+        (new_session(), {"Authorization": "Bearer nope"}),
+        (new_session(), {}),
+    ):
         with pytest.raises(InvalidStatus, match="HTTP 403"):
-            async with served.ws(session_id, additional_headers=headers):
+            async with keyed.ws(session_id, additional_headers=headers):
                 pass
 
 
@@ -446,11 +435,21 @@ async def test_history_text_never_reaches_the_logs(
         assert secret_answer not in text
 
 
-async def test_the_page_and_its_files(served: Served) -> None:
-    page = await served.http.get("/")
+async def test_the_page_for_browsers_and_ollamas_answer_for_other_clients(
+    served: Served,
+) -> None:
+    browsers_accept = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+    page = await served.http.get("/", headers={"Accept": browsers_accept})
     assert page.status_code == 200
     assert page.headers["content-type"].startswith("text/html")
+    assert page.headers["vary"] == "Accept"
     assert "default-src 'self'" in page.headers["content-security-policy"]
+    for accept in ("*/*", "application/json", None):
+        headers = {"Accept": accept} if accept else {}
+        probe = await served.http.get("/", headers=headers)
+        assert (probe.status_code, probe.text) == (200, "Ollama is running")
+        assert probe.headers["vary"] == "Accept"
+    assert (await served.http.head("/")).status_code == 200
     for path, kind in (("/web/chat.js", "text/javascript"), ("/web/chat.css", "text/css")):
         assert path in page.text
         response = await served.http.get(path)
@@ -460,8 +459,9 @@ async def test_the_page_and_its_files(served: Served) -> None:
 
 
 async def test_a_browser_gives_its_key_as_a_subprotocol(
-    served: Served, fake_ollama: FakeOllama
+    keyed: Served, fake_ollama: FakeOllama
 ) -> None:
+    served = keyed
     name = model(fake_ollama)
     sid = new_session()
     alice = {"Authorization": "Bearer key-a"}
@@ -488,23 +488,17 @@ async def test_a_browser_gives_its_key_as_a_subprotocol(
 
 @pytest.mark.redis
 async def test_two_gateways_share_sessions_in_redis(
-    serve: Callable[..., contextlib.AbstractAsyncContextManager[Served]],
-    fake_ollama: FakeOllama,
-    redis_url: str,
-    redis_prefix: str,
+    serve: Serve, fake_ollama: FakeOllama, redis_url: str, redis_prefix: str
 ) -> None:
     """Turns sent to one session through two gateways at once: answered one after the
     other (the second with the first in its history), both seen from either gateway."""
-    prefix = f"{redis_prefix}{uuid.uuid4().hex[:8]}:"
-
-    def redis_store() -> RedisHistoryStore:
-        return RedisHistoryStore(
-            Redis.from_url(redis_url), ttl=3600, max_messages=100, key_prefix=prefix
-        )
-
+    in_redis = {
+        "history_url": redis_url,
+        "history_key_prefix": f"{redis_prefix}{uuid.uuid4().hex[:8]}:",
+    }
     slow = model(fake_ollama, token_delay=0.05)
     sid = new_session()
-    async with serve(store=redis_store()) as one, serve(store=redis_store()) as two:
+    async with serve(**in_redis) as one, serve(**in_redis) as two:
         first = asyncio.create_task(
             chat_sse(one.http, {"session_id": sid, "message": "one", "model": slow})
         )
@@ -526,3 +520,24 @@ async def test_two_gateways_share_sessions_in_redis(
             ]
         assert (await two.http.delete(f"/history/{sid}")).status_code == 204
         assert (await one.http.get(f"/history/{sid}")).status_code == 404
+
+
+async def test_a_history_store_that_fails_is_a_503_and_the_ollama_api_still_answers(
+    serve: Serve, fake_ollama: FakeOllama, tmp_path: Path
+) -> None:
+    name = model(fake_ollama)
+    sid = new_session()
+    async with serve(history_url=f"sqlite:///{tmp_path}/no-such-folder/h.sqlite3") as served:
+        refused = await served.http.post(
+            "/chat", json={"session_id": sid, "message": "Hi", "model": name, "stream": False}
+        )
+        assert refused.status_code == 503
+        assert refused.headers["retry-after"] == "1"
+        assert refused.json()["code"] == "history_unavailable"
+        assert refused.json()["retryable"] is True
+        events = await chat_sse(served.http, {"session_id": sid, "message": "Hi", "model": name})
+        assert [(kind, data["code"]) for kind, data in events] == [("error", "history_unavailable")]
+        assert (await served.http.get(f"/history/{sid}")).status_code == 503
+
+        answer = await served.gateway.ollama().chat(name, [{"role": "user", "content": "Hi"}])
+        assert answer.message.content == ANSWER

@@ -1,47 +1,16 @@
-"""Helpers for tests of HTTP apps: a real uvicorn server on a free port, a reader of
-server-sent events, and the system's headless Chromium."""
+"""Helpers for tests of the gateway's sessions and page: a reader of server-sent events, and
+the system's headless Chromium."""
 
-import asyncio
 import json
 import os
 import shutil
-from collections.abc import AsyncGenerator, AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
-from fastapi import FastAPI
 from selenium import webdriver
-from starlette.types import ASGIApp
-
-from chatbus.client import ChatClient, ChatEvent
-from chatbus.contract import ChatRequest
-from chatbus.gateway.sessions import Ask, Limits, Sessions, TenantOf, no_tenants, sessions_router
-from chatbus.history import HistoryStore
-
-
-@asynccontextmanager
-async def serving(app: ASGIApp) -> AsyncIterator[str]:
-    """`app` served by uvicorn on 127.0.0.1 (a port the system picks); yields its base URL."""
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
-    )
-    task = asyncio.create_task(server.serve())
-    try:
-        async with asyncio.timeout(10):
-            while not server.started:  # uvicorn sets a flag, no event
-                if task.done():
-                    task.result()
-                    raise AssertionError("the server stopped before it started")
-                await asyncio.sleep(0.01)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
 
 
 async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str, dict[str, Any]]]:
@@ -55,30 +24,6 @@ async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str, dict[
         elif line == "" and data:
             yield kind, json.loads(data)
             kind, data = "message", ""
-
-
-def asking(client: ChatClient) -> Ask:
-    """The bus through the client alone (the gateway's Bus adds its checks)."""
-
-    def ask(request: ChatRequest, tenant: str) -> AsyncGenerator[ChatEvent, None]:
-        return client.stream(request.messages, model=request.model, options=request.options)
-
-    return ask
-
-
-def sessions_app(
-    client: ChatClient, store: HistoryStore, limits: Limits, tenant_of: TenantOf = no_tenants
-) -> FastAPI:
-    """The sessions router in an app of its own, as the gateway mounts it, with a model
-    listing in the shape of the gateway's `/api/tags` for the page's picker."""
-    app = FastAPI()
-    app.include_router(sessions_router(Sessions(store, asking(client), limits), tenant_of))
-
-    @app.get("/api/tags")
-    async def tags() -> dict[str, list[dict[str, str]]]:
-        return {"models": [{"name": model.name} for model in await client.models()]}
-
-    return app
 
 
 def chromium(user_data_dir: Path) -> webdriver.Chrome:

@@ -5,19 +5,23 @@ import math
 import os
 import signal
 import socket
+import uuid
 from collections.abc import AsyncIterator
 
 import uvicorn
 from fastapi import FastAPI
 
 from chatbus.client import ChatClient
-from chatbus.gateway.auth import authenticator
-from chatbus.gateway.bus import Bus, WorkerPresence
+from chatbus.gateway.auth import authenticator, tenant_lookup
+from chatbus.gateway.bus import Bus, BusRequest, WorkerPresence
 from chatbus.gateway.errors import EXCEPTION_HANDLERS
-from chatbus.gateway.ollama_api import ollama_routes, root_routes
+from chatbus.gateway.ollama_api import ollama_routes
 from chatbus.gateway.openai_api import openai_routes
 from chatbus.gateway.operations import GatewayMetrics, ObservedRequests, operations_routes
+from chatbus.gateway.page import page_routes
+from chatbus.gateway.sessions import Sessions, sessions_router
 from chatbus.gateway.settings import GatewaySettings
+from chatbus.history import open_history_store
 from chatbus.observability import configure_logging, metrics_registry
 
 MODELS_TIMEOUT = 10.0
@@ -25,8 +29,9 @@ MODELS_TIMEOUT = 10.0
 
 
 def create_gateway(settings: GatewaySettings) -> FastAPI:
-    """The gateway: Ollama's and OpenAI's HTTP APIs, each request a request on the bus.
-    It connects to RabbitMQ when the application starts (its lifespan)."""
+    """The gateway: Ollama's and OpenAI's HTTP APIs, each request a request on the bus; the
+    sessions API and the chat page. It connects to RabbitMQ when the application starts (its
+    lifespan), and opens the history store when a session is first used."""
     client = ChatClient(
         settings.rabbitmq_url,
         names=settings.names,
@@ -39,6 +44,12 @@ def create_gateway(settings: GatewaySettings) -> FastAPI:
         WorkerPresence(client, settings.requests_queue),
         models_timeout=MODELS_TIMEOUT,
     )
+    store = open_history_store(settings)
+    sessions = Sessions(
+        store,
+        lambda request, tenant: bus.answer(BusRequest(request, tenant or None, uuid.uuid4().hex)),
+        settings,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -46,7 +57,10 @@ def create_gateway(settings: GatewaySettings) -> FastAPI:
         try:
             yield
         finally:
-            await client.close()
+            try:
+                await client.close()
+            finally:
+                await store.close()
 
     registry = metrics_registry()
     app = FastAPI(
@@ -58,10 +72,12 @@ def create_gateway(settings: GatewaySettings) -> FastAPI:
     )
     for error, handler in EXCEPTION_HANDLERS.items():
         app.add_exception_handler(error, handler)
-    authenticate = authenticator(settings.gateway_api_keys)
+    tenant_of = tenant_lookup(settings.gateway_api_keys)
+    authenticate = authenticator(tenant_of)
     app.include_router(ollama_routes(bus, authenticate))
     app.include_router(openai_routes(bus, authenticate))
-    app.include_router(root_routes())
+    app.include_router(sessions_router(sessions, tenant_of))
+    app.include_router(page_routes())
     app.include_router(operations_routes(bus, registry))
     app.add_middleware(ObservedRequests, metrics=GatewayMetrics(registry))
     return app

@@ -59,7 +59,10 @@ class Failure:
 
     @classmethod
     def of(cls, error: ChatError) -> "Failure":
-        return cls(_STATUS.get(type(error), 500), error.code, error.message)
+        """The failure `error` is; a subclass of an error (the gateway's own, with a code
+        of its own) gets its parent's status."""
+        status = next((_STATUS[kind] for kind in type(error).__mro__ if kind in _STATUS), 500)
+        return cls(status, error.code, error.message)
 
     @property
     def headers(self) -> dict[str, str]:

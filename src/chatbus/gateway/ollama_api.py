@@ -8,7 +8,6 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, Field
 
 from chatbus.contract import ChatMessage, ChunkReply, DoneReply, ModelInfo, ToolCall
@@ -238,17 +237,5 @@ def ollama_routes(bus: Bus, authenticate: Authenticate) -> APIRouter:
     @router.get("/api/version")
     async def version() -> dict[str, str]:
         return {"version": OLLAMA_API_VERSION}
-
-    return router
-
-
-def root_routes() -> APIRouter:
-    """`GET /` and `HEAD /` answer as Ollama's do: clients (the `ollama` CLI among them)
-    probe the server there."""
-    router = APIRouter(include_in_schema=False)
-
-    @router.api_route("/", methods=["GET", "HEAD"])
-    async def root() -> PlainTextResponse:
-        return PlainTextResponse("Ollama is running")
 
     return router

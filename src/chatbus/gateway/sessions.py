@@ -13,9 +13,10 @@ HTTP, as a router the gateway mounts (`sessions_router`):
 - `GET /history/{session_id}`, `DELETE /history/{session_id}`.
 - `WS /ws/{session_id}`: the client sends `{"message": ..., "model"?: ...}` or
   `{"cancel": true}` and receives the same events as JSON messages.
-- `/`: the web chat page.
 
-The tenant ("" without API keys) keeps its sessions apart from other tenants'.
+Errors are the contract's error reply (`{"type": "error", "code", "message", "retryable"}`)
+with the gateway's statuses. The tenant of the request's API key ("" without API keys) keeps
+its sessions apart from other tenants'.
 """
 
 import asyncio
@@ -24,8 +25,7 @@ import binascii
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from importlib import resources
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, TypeVar
 
 from fastapi import APIRouter, Request, Response, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -33,9 +33,18 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from chatbus.client import ChatEvent
 from chatbus.contract import ChatMessage, ChatRequest, DoneReply
-from chatbus.errors import ChatError, InternalError, InvalidRequestError, validation_problems
+from chatbus.errors import (
+    ChatError,
+    InternalError,
+    InvalidRequestError,
+    ServiceUnavailableError,
+    over_limit,
+    validation_problems,
+)
+from chatbus.gateway.auth import NO_VALID_KEY, TenantOf
+from chatbus.gateway.errors import Failure
+from chatbus.gateway.operations import request_log
 from chatbus.history import (
-    HistorySettings,
     HistoryStore,
     HistoryUnavailableError,
     InvalidSessionIdError,
@@ -43,31 +52,11 @@ from chatbus.history import (
     Turn,
     check_session_id,
 )
-from chatbus.settings import Limits as BusLimits
+from chatbus.settings import RequestLimitSettings
 
 logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
-
-
-class Limits(Protocol):
-    """The bus's request limits (the worker's settings of the same names)."""
-
-    @property
-    def max_request_bytes(self) -> int: ...
-    @property
-    def max_prompt_chars(self) -> int: ...
-    @property
-    def max_messages(self) -> int: ...
-
-
-class SessionSettings(HistorySettings):
-    """What the gateway reads for its sessions: the `HISTORY_*` settings, and the bus's
-    request limits under the workers' names, so that one environment sets both."""
-
-    max_request_bytes: int = Field(default=BusLimits.max_request_bytes, ge=1)
-    max_prompt_chars: int = Field(default=BusLimits.max_prompt_chars, ge=1)
-    max_messages: int = Field(default=BusLimits.max_messages, ge=1)
 
 
 class _Strict(BaseModel):
@@ -138,19 +127,10 @@ class HistoryView(BaseModel):
         )
 
 
-class HistoryUnavailable(ChatError):
-    """The session's history could not be read or stored."""
+class HistoryUnavailable(ServiceUnavailableError):
+    """The session's history could not be read or stored: its store failed."""
 
     code = "history_unavailable"
-
-
-TenantOf = Callable[[str | None], str | None]
-"""The tenant of a request's `Authorization` header (None: the request has none); None
-when it grants nothing. Without API keys, every request is of one tenant ("")."""
-
-
-def no_tenants(_: str | None) -> str:
-    return ""
 
 
 Ask = Callable[[ChatRequest, str], AsyncGenerator[ChatEvent, None]]
@@ -162,7 +142,7 @@ The gateway's is its `Bus`, which also checks that a worker is there and sends t
 class Sessions:
     """Turns of sessions: the history in `store`, the answers from the bus through `ask`."""
 
-    def __init__(self, store: HistoryStore, ask: Ask, limits: Limits) -> None:
+    def __init__(self, store: HistoryStore, ask: Ask, limits: RequestLimitSettings) -> None:
         self.store = store
         self._ask = ask
         self._limits = limits
@@ -210,19 +190,15 @@ class Sessions:
 
     def _check_prompt(self, message: str, system: str | None) -> int:
         chars = len(message) + len(system or "")
-        if chars > self._limits.max_prompt_chars:
-            raise _over_limit(
-                "prompt length in characters (message and system prompt)",
-                chars,
-                "max_prompt_chars",
-                self._limits,
-            )
+        if chars > (limit := self._limits.max_prompt_chars):
+            what = "prompt length in characters (message and system prompt)"
+            raise over_limit(what, chars, "max_prompt_chars", limit)
         return chars
 
     def check_size(self, body: bytes | str) -> None:
         size = len(body.encode() if isinstance(body, str) else body)
-        if size > self._limits.max_request_bytes:
-            raise _over_limit("request size in bytes", size, "max_request_bytes", self._limits)
+        if size > (limit := self._limits.max_request_bytes):
+            raise over_limit("request size in bytes", size, "max_request_bytes", limit)
 
     def _context(
         self, system: str | None, history: list[ChatMessage], question: ChatMessage
@@ -259,44 +235,26 @@ def _system(session: Session | None) -> str | None:
     return session.system if session else None
 
 
-def _over_limit(what: str, value: int, limit_name: str, limits: Limits) -> InvalidRequestError:
-    limit = getattr(limits, limit_name)
-    return InvalidRequestError(
-        f"{what} is {value}, over the limit {limit_name}={limit}", retryable=False
-    )
-
-
-_STATUS = {
-    "invalid_request": 400,
-    "model_not_found": 404,
-    "upstream_error": 502,
-    "upstream_unavailable": 503,
-    "service_unavailable": 503,
-    HistoryUnavailable.code: 503,
-    "timeout": 504,
-    "deadline_exceeded": 504,
-    "internal_error": 500,
-}
-_RETRY_AFTER_SECONDS = "1"
-_NO_SUCH_SESSION = "no such session"
-_NO_KEY = "a valid API key is needed: Authorization: Bearer KEY"
+_NO_SUCH_SESSION = Failure(404, "not_found", "no such session")
 _SUBPROTOCOL = "chatbus"
 _BEARER_PROTOCOL = "bearer."
-_PAGE = resources.files("chatbus.gateway") / "web"
-_PAGE_POLICY = (
-    "default-src 'self'; connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'"
-)
 
 
-def sessions_router(sessions: Sessions, tenant_of: TenantOf = no_tenants) -> APIRouter:
-    """The sessions API and the web page, for the gateway to include."""
+def sessions_router(sessions: Sessions, tenant_of: TenantOf) -> APIRouter:
+    """The sessions API, for the gateway to include; `tenant_of` checks the API keys."""
     router = APIRouter(tags=["sessions"])
+
+    def tenant_of_request(request: Request) -> str | None:
+        tenant = tenant_of(request.headers.get("authorization"))
+        if tenant:
+            request_log(request)["tenant"] = tenant
+        return tenant
 
     @router.post("/chat", response_model=None)
     async def chat(request: Request) -> Response:
-        tenant = tenant_of(request.headers.get("authorization"))
+        tenant = tenant_of_request(request)
         if tenant is None:
-            return _unauthorized()
+            return _refusal(NO_VALID_KEY)
         body = await request.body()
         try:
             sessions.check_size(body)
@@ -327,33 +285,33 @@ def sessions_router(sessions: Sessions, tenant_of: TenantOf = no_tenants) -> API
 
     @router.get("/history/{session_id}", response_model=HistoryView)
     async def history(session_id: str, request: Request) -> Response:
-        tenant = tenant_of(request.headers.get("authorization"))
+        tenant = tenant_of_request(request)
         if tenant is None:
-            return _unauthorized()
+            return _refusal(NO_VALID_KEY)
         try:
             session = await sessions.history(tenant, _session_id(session_id))
         except ChatError as error:
             return _error_response(error)
         if session is None:
-            return _not_found()
+            return _refusal(_NO_SUCH_SESSION)
         return JSONResponse(HistoryView.of(session).model_dump(mode="json"))
 
     @router.delete("/history/{session_id}", status_code=204, response_model=None)
     async def forget(session_id: str, request: Request) -> Response:
-        tenant = tenant_of(request.headers.get("authorization"))
+        tenant = tenant_of_request(request)
         if tenant is None:
-            return _unauthorized()
+            return _refusal(NO_VALID_KEY)
         try:
             deleted = await sessions.forget(tenant, _session_id(session_id))
         except ChatError as error:
             return _error_response(error)
-        return Response(status_code=204) if deleted else _not_found()
+        return Response(status_code=204) if deleted else _refusal(_NO_SUCH_SESSION)
 
     @router.websocket("/ws/{session_id}")
     async def socket(websocket: WebSocket, session_id: str) -> None:
         tenant = tenant_of(_socket_authorization(websocket))
         if tenant is None:
-            await websocket.close(code=1008, reason=_NO_KEY)
+            await websocket.close(code=1008, reason=NO_VALID_KEY.message)
             return
         try:
             _session_id(session_id)
@@ -363,18 +321,6 @@ def sessions_router(sessions: Sessions, tenant_of: TenantOf = no_tenants) -> API
         offered = websocket.scope.get("subprotocols", [])
         await websocket.accept(subprotocol=_SUBPROTOCOL if _SUBPROTOCOL in offered else None)
         await _SocketConversation(sessions, websocket, tenant, session_id).run()
-
-    @router.get("/", include_in_schema=False)
-    async def page() -> Response:
-        return _page_file("index.html", "text/html; charset=utf-8")
-
-    @router.get("/web/chat.js", include_in_schema=False)
-    async def script() -> Response:
-        return _page_file("chat.js", "text/javascript; charset=utf-8")
-
-    @router.get("/web/chat.css", include_in_schema=False)
-    async def style() -> Response:
-        return _page_file("chat.css", "text/css; charset=utf-8")
 
     return router
 
@@ -549,33 +495,14 @@ def _error_event(error: ChatError) -> str:
 
 
 def _error_response(error: ChatError) -> Response:
-    status = _STATUS.get(error.code, 500)
-    headers = {"Retry-After": _RETRY_AFTER_SECONDS} if status == 503 else None
-    return Response(
-        _error_event(error), status_code=status, media_type="application/json", headers=headers
-    )
+    return _json_error(Failure.of(error), _error_event(error))
 
 
-def _unauthorized() -> Response:
-    event = ErrorEvent(code="invalid_api_key", message=_NO_KEY, retryable=False)
-    return Response(
-        event.model_dump_json(exclude_none=True),
-        status_code=401,
-        media_type="application/json",
-        headers={"WWW-Authenticate": "Bearer"},
-    )
+def _refusal(failure: Failure) -> Response:
+    """The gateway's own refusals (no valid key, no such session), as error events."""
+    event = ErrorEvent(code=failure.code, message=failure.message, retryable=False)
+    return _json_error(failure, event.model_dump_json(exclude_none=True))
 
 
-def _not_found() -> Response:
-    event = ErrorEvent(code="not_found", message=_NO_SUCH_SESSION, retryable=False)
-    return Response(
-        event.model_dump_json(exclude_none=True), status_code=404, media_type="application/json"
-    )
-
-
-def _page_file(name: str, media_type: str) -> Response:
-    return Response(
-        (_PAGE / name).read_bytes(),
-        media_type=media_type,
-        headers={"Cache-Control": "no-cache", "Content-Security-Policy": _PAGE_POLICY},
-    )
+def _json_error(failure: Failure, event: str) -> Response:
+    return Response(event, failure.status, media_type="application/json", headers=failure.headers)

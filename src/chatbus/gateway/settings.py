@@ -3,12 +3,14 @@
 from pydantic import Field, field_validator
 
 from chatbus.contract import MAX_TENANT_CHARS
-from chatbus.settings import BusSettings, LogFormat
+from chatbus.history import HistorySettings
+from chatbus.settings import BusSettings, LogFormat, RequestLimitSettings
 
 
-class GatewaySettings(BusSettings):
-    """`RABBITMQ_URL` and the contract's names, read as every party on the bus reads them,
-    and the gateway's own settings."""
+class GatewaySettings(BusSettings, HistorySettings, RequestLimitSettings):
+    """`RABBITMQ_URL` and the contract's names, read as every party on the bus reads them;
+    where the sessions are kept (`HISTORY_*`); the workers' request limits, which sessions
+    fit their history into; and the gateway's own settings."""
 
     gateway_host: str = Field(
         default="127.0.0.1", description="Address the gateway listens on; 0.0.0.0 in compose."
