@@ -138,11 +138,11 @@ async def test_sse_turns_stream_and_build_the_history(
     assert view["session_id"] == sid
     assert view["model"] == name
     assert view["system"] == "Be brief."
-    assert [m["content"] for m in view["messages"]] == [
-        "Why is the sky blue?",
-        ANSWER,
-        "And at sunset?",
-        ANSWER,
+    assert view["messages"] == [
+        {"role": "user", "content": "Why is the sky blue?"},
+        {"role": "assistant", "content": ANSWER},
+        {"role": "user", "content": "And at sunset?"},
+        {"role": "assistant", "content": ANSWER},
     ]
     assert view["created_at"] < view["updated_at"] < view["expires_at"]
 
@@ -216,19 +216,30 @@ async def test_errors_end_the_stream_and_leave_the_history_as_it_was(
     assert [m["content"] for m in await history_of(served, sid)] == ["first", ANSWER]
 
 
+def outcomes(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """How each request ended, as the gateway's log lines say."""
+    return [vars(record)["outcome"] for record in caplog.records if hasattr(record, "outcome")]
+
+
 async def test_a_client_that_leaves_cancels_the_generation(
-    served: Served, fake_ollama: FakeOllama
+    served: Served, fake_ollama: FakeOllama, caplog: pytest.LogCaptureFixture
 ) -> None:
     slow = model(fake_ollama, token_delay=0.2)
     sid = new_session()
     aborted = fake_ollama.aborted_streams
-    async with served.http.stream(
-        "POST", "/chat", json={"session_id": sid, "message": "Hi", "model": slow}
-    ) as response:
-        async for kind, _ in sse_events(response):
-            assert kind == "chunk"
-            break  # leaves after the first chunk: the connection closes
-    await fake_ollama.wait_aborted(aborted + 1, timeout=3)
+    with caplog.at_level(logging.INFO, logger="chatbus.gateway"):
+        async with served.http.stream(
+            "POST", "/chat", json={"session_id": sid, "message": "Hi", "model": slow}
+        ) as response:
+            async for kind, _ in sse_events(response):
+                assert kind == "chunk"
+                break  # leaves after the first chunk: the connection closes
+        await fake_ollama.wait_aborted(aborted + 1, timeout=3)
+        async with asyncio.timeout(3):
+            # Polled: the gateway writes its log line when the response has ended.
+            while not outcomes(caplog):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+    assert outcomes(caplog) == ["disconnected"]
 
     json_request = asyncio.create_task(
         served.http.post(
@@ -428,7 +439,9 @@ async def test_history_text_never_reaches_the_logs(
             await socket.send(json.dumps({"message": secret_question}))
             await until_terminal(socket)
         await served.http.get(f"/history/{sid}")
-    assert caplog.records, "the turn was logged"
+    [chat_line] = [vars(r) for r in caplog.records if getattr(r, "path", None) == "/chat"]
+    assert (chat_line["outcome"], chat_line["model"], chat_line["status"]) == ("stop", name, 200)
+    assert chat_line["correlation_id"]
     for record in caplog.records:
         text = record.getMessage() + str(record.__dict__)
         assert secret_question not in text

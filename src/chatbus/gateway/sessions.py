@@ -29,7 +29,14 @@ from typing import Any, Literal, TypeVar
 
 from fastapi import APIRouter, Request, Response, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_serializer,
+)
 
 from chatbus.client import ChatEvent
 from chatbus.contract import ChatMessage, ChatRequest, DoneReply
@@ -113,6 +120,11 @@ class HistoryView(BaseModel):
     created_at: str
     updated_at: str
     expires_at: str
+
+    @field_serializer("messages")
+    def _messages_without_nulls(self, messages: list[ChatMessage]) -> list[dict[str, Any]]:
+        # As the contract's replies are sent: a message has the fields it uses.
+        return [message.model_dump(mode="json", exclude_none=True) for message in messages]
 
     @classmethod
     def of(cls, session: Session) -> "HistoryView":
@@ -268,7 +280,9 @@ def sessions_router(sessions: Sessions, tenant_of: TenantOf) -> APIRouter:
             return _error_response(error)
         except ValidationError as error:
             return _error_response(_invalid(error))
-        events = sessions.turn(tenant, session_id, turn, stream=parsed.stream)
+        events = _logged(
+            sessions.turn(tenant, session_id, turn, stream=parsed.stream), request_log(request)
+        )
         if parsed.stream:
             return StreamingResponse(
                 _server_sent(events),
@@ -405,6 +419,29 @@ class _SocketConversation:
     async def _send(self, kind: str, data: str) -> None:
         async with self._sending:
             await self._websocket.send_text(data)
+
+
+async def _logged(
+    events: AsyncGenerator[ChatEvent, None], log: dict[str, Any]
+) -> AsyncGenerator[ChatEvent, None]:
+    """The turn's events, with what the request's log line tells of them: the correlation
+    id, the model and how the turn ended (the done reason, the error code, or
+    `disconnected` when the client left first)."""
+    async with contextlib.aclosing(events):
+        try:
+            async for event in events:
+                log["correlation_id"] = event.correlation_id
+                if isinstance(event, DoneReply):
+                    log |= {"model": event.model, "outcome": event.done_reason}
+                yield event
+        except ChatError as error:
+            log |= {"correlation_id": error.correlation_id, "outcome": error.code}
+            raise
+        except Exception:
+            log["outcome"] = InternalError.code
+            raise
+        finally:
+            log.setdefault("outcome", "disconnected")
 
 
 async def _wire_events(
