@@ -23,6 +23,7 @@ from chatbus.testing import FakeOllama
 from chatbus.testing.fake_ollama import DEFAULT_TOKENS
 from tests.gateway_support import Gateway, running_gateway
 from tests.support import model, requests_for
+from tests.test_readme import readme_python_block
 from tests.web_support import sse_events
 
 pytestmark = pytest.mark.rabbitmq
@@ -554,3 +555,18 @@ async def test_a_history_store_that_fails_is_a_503_and_the_ollama_api_still_answ
 
         answer = await served.gateway.ollama().chat(name, [{"role": "user", "content": "Hi"}])
         assert answer.message.content == ANSWER
+
+
+async def test_the_readme_websocket_example_runs_against_the_gateway(
+    served: Served, fake_ollama: FakeOllama, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = readme_python_block("The same over the WebSocket").replace(
+        "ws://localhost:8080", served.gateway.url.replace("http", "ws", 1)
+    )
+    # The example runs its own event loop: in a thread, while this one serves the gateway.
+    await asyncio.to_thread(exec, compile(code, "README.md", "exec"), {})
+
+    assert capsys.readouterr().out == f"{ANSWER}{ANSWER}\n"
+    assert sent_messages(fake_ollama, "llama3.2")[-1] == [
+        {"role": "user", "content": "Why is the sky blue?"}
+    ]
