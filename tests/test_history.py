@@ -1,6 +1,7 @@
 """The history stores, each against the real thing: a SQLite file and the Redis server."""
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -232,11 +233,9 @@ async def test_turns_of_one_session_run_one_after_the_other_in_order(
     assert contents(session.messages)[::2] == [f"question {n}" for n in range(10)]
 
 
-async def test_a_turn_cancelled_while_waiting_leaves_the_lock_usable(
-    make_store: StoreFactory,
-) -> None:
-    store = make_store()
-    sid = session_id()
+@contextlib.asynccontextmanager
+async def turn_held(store: HistoryStore, sid: str) -> AsyncIterator[None]:
+    """Inside: another task holds the session's turn lock; it lets go when the block ends."""
     holding, release = asyncio.Event(), asyncio.Event()
 
     async def hold() -> None:
@@ -246,12 +245,23 @@ async def test_a_turn_cancelled_while_waiting_leaves_the_lock_usable(
 
     holder = asyncio.create_task(hold())
     await holding.wait()
-    asking = asyncio.Event()
-    waiter = asyncio.create_task(answer_in_turn(store, sid, 1, [], asking))
-    await asking.wait()  # it runs on into turn_lock, where it waits behind the holder
-    waiter.cancel()
-    release.set()
-    await holder
+    try:
+        yield
+    finally:
+        release.set()
+        await holder
+
+
+async def test_a_turn_cancelled_while_waiting_leaves_the_lock_usable(
+    make_store: StoreFactory,
+) -> None:
+    store = make_store()
+    sid = session_id()
+    async with turn_held(store, sid):
+        asking = asyncio.Event()
+        waiter = asyncio.create_task(answer_in_turn(store, sid, 1, [], asking))
+        await asking.wait()  # it runs on into turn_lock, where it waits behind the holder
+        waiter.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiter
     await answer_in_turn(store, sid, 2, [])
@@ -301,24 +311,14 @@ async def test_a_dead_gateways_lock_expires_and_a_live_ones_is_renewed(
         await asyncio.wait_for(answer_in_turn(store, sid, 1, []), timeout=3)
         assert time.monotonic() - started >= 0.2, "the turn waited for the lock to expire"
 
-        holding, release = asyncio.Event(), asyncio.Event()
-
-        async def long_turn() -> None:
-            async with store.turn_lock("t", sid):
-                holding.set()
-                await release.wait()
-
-        holder = asyncio.create_task(long_turn())
-        await holding.wait()
-        other = RedisHistoryStore(
-            Redis.from_url(redis_url), ttl=60, max_messages=100, key_prefix=prefix
-        )
-        waiter = asyncio.create_task(answer_in_turn(other, sid, 2, []))
-        # Three lock lifetimes: without the renewal the waiter would have got in.
-        done, _ = await asyncio.wait([waiter], timeout=0.9)
-        assert not done, "the long turn's lock was renewed, so the other turn still waits"
-        release.set()
-        await holder
+        async with turn_held(store, sid):  # a long turn
+            other = RedisHistoryStore(
+                Redis.from_url(redis_url), ttl=60, max_messages=100, key_prefix=prefix
+            )
+            waiter = asyncio.create_task(answer_in_turn(other, sid, 2, []))
+            # Three lock lifetimes: without the renewal the waiter would have got in.
+            done, _ = await asyncio.wait([waiter], timeout=0.9)
+            assert not done, "the long turn's lock was renewed, so the other turn still waits"
         await asyncio.wait_for(waiter, timeout=3)
         await other.close()
     finally:

@@ -297,29 +297,24 @@ def sessions_router(sessions: Sessions, tenant_of: TenantOf) -> APIRouter:
             return Response(status_code=499)  # nobody is there to read it
         return JSONResponse(done.model_dump(mode="json", exclude_none=True))
 
-    @router.get("/history/{session_id}", response_model=HistoryView)
+    @router.api_route("/history/{session_id}", methods=["GET", "DELETE"], response_model=None)
     async def history(session_id: str, request: Request) -> Response:
+        """GET: the session's `HistoryView`; DELETE: forget the session (204). 404 when the
+        tenant has no session of that id."""
         tenant = tenant_of_request(request)
         if tenant is None:
             return _refusal(NO_VALID_KEY)
         try:
-            session = await sessions.history(tenant, _session_id(session_id))
+            checked_id = _session_id(session_id)
+            if request.method == "DELETE":
+                forgotten = await sessions.forget(tenant, checked_id)
+                return Response(status_code=204) if forgotten else _refusal(_NO_SUCH_SESSION)
+            session = await sessions.history(tenant, checked_id)
         except ChatError as error:
             return _error_response(error)
         if session is None:
             return _refusal(_NO_SUCH_SESSION)
         return JSONResponse(HistoryView.of(session).model_dump(mode="json"))
-
-    @router.delete("/history/{session_id}", status_code=204, response_model=None)
-    async def forget(session_id: str, request: Request) -> Response:
-        tenant = tenant_of_request(request)
-        if tenant is None:
-            return _refusal(NO_VALID_KEY)
-        try:
-            deleted = await sessions.forget(tenant, _session_id(session_id))
-        except ChatError as error:
-            return _error_response(error)
-        return Response(status_code=204) if deleted else _refusal(_NO_SUCH_SESSION)
 
     @router.websocket("/ws/{session_id}")
     async def socket(websocket: WebSocket, session_id: str) -> None:
