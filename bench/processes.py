@@ -5,12 +5,14 @@ import contextlib
 import os
 import re
 import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Self
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -46,6 +48,11 @@ class FakeOllamaProcess:
         if not self.url:
             raise RuntimeError("the fake Ollama did not start")
         return self
+
+    @property
+    def pid(self) -> int:
+        assert self._process is not None
+        return self._process.pid
 
     async def __aexit__(
         self,
@@ -126,6 +133,16 @@ async def _until_ready(url: str) -> None:
             if (await http.get("/readyz")).status_code == 200:
                 return
             await asyncio.sleep(0.1)
+
+
+def broker_pid(rabbitmq_url: str) -> int | None:
+    """The process listening on the broker's AMQP port, when it runs on this machine."""
+    port = urlsplit(rabbitmq_url).port or 5672
+    listing = subprocess.run(
+        ["ss", "-Hltnp", f"sport = :{port}"], capture_output=True, text=True, check=False
+    ).stdout
+    found = re.search(r"pid=(\d+)", listing)
+    return int(found[1]) if found else None
 
 
 def rss_mb(pid: int) -> float:
