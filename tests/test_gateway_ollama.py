@@ -4,6 +4,7 @@ the fake Ollama behind the bus."""
 import asyncio
 import base64
 import contextlib
+import json
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from typing import Any
 
@@ -138,6 +139,22 @@ async def test_generate_answers_through_chat_in_generates_shape(
         ],
         [{"role": "user", "content": "Why?"}],
     ]
+
+
+async def test_a_body_is_read_as_json_whatever_its_content_type(
+    gateway: Gateway, fake_ollama: FakeOllama
+) -> None:
+    """As Ollama does: `curl -d '{...}'` sends a form type, and Ollama's examples do that."""
+    name = model(fake_ollama)
+    async with httpx.AsyncClient(base_url=gateway.url) as http:
+        response = await http.post(
+            "/api/chat",
+            content=json.dumps({"model": name, "messages": QUESTION, "stream": False}),
+            headers={"content-type": "application/x-www-form-urlencoded"},
+        )
+
+    assert response.status_code == 200, response.text
+    assert response.json()["message"]["content"] == ANSWER
 
 
 @pytest.mark.parametrize(

@@ -4,10 +4,12 @@
 As Ollama does, fields a route does not know are ignored, in the body and in its messages.
 """
 
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 
 from chatbus.contract import ChatMessage, ChunkReply, DoneReply, ModelInfo, ToolCall
@@ -198,8 +200,26 @@ def _tag(model: ModelInfo) -> dict[str, Any]:
     return tag
 
 
+class _BodyIsJson(APIRoute):
+    """Ollama reads every request body as JSON whatever its Content-Type, and its own curl
+    examples send none but `curl -d`'s form type; FastAPI would parse only a JSON type."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def with_json_type(request: Request) -> Response:
+            headers = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"]
+            scope = {**request.scope, "headers": [*headers, (b"content-type", _JSON)]}
+            return await handler(Request(scope, request.receive))
+
+        return with_json_type
+
+
+_JSON = b"application/json"
+
+
 def ollama_routes(bus: Bus, authenticate: Authenticate) -> APIRouter:
-    router = APIRouter(dependencies=[Depends(authenticate)])
+    router = APIRouter(dependencies=[Depends(authenticate)], route_class=_BodyIsJson)
     tenant_of_key = Depends(authenticate)
 
     @router.post("/api/chat")
