@@ -42,6 +42,7 @@ from pydantic.json_schema import models_json_schema
 from chatbus import topology
 from chatbus.contract import (
     DEADLINE_HEADER,
+    TENANT_HEADER,
     AssistantMessage,
     CancelRequest,
     ChatRequest,
@@ -377,7 +378,13 @@ def _request_message() -> Message:
                     "queued past it is answered `deadline_exceeded` without calling Ollama; "
                     "a generation running past it is stopped. The AMQP `expiration` property "
                     "is honoured as a deadline too.",
-                }
+                },
+                TENANT_HEADER: {
+                    "type": "string",
+                    "description": "The tenant the request is made for (the HTTP gateway "
+                    "sets it from the caller's API key). Optional: the worker logs it and "
+                    "counts requests by it; the answer does not depend on it.",
+                },
             },
         },
     )

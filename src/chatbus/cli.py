@@ -148,6 +148,17 @@ def _parser() -> argparse.ArgumentParser:
         description="Run a worker, configured by the environment (see the README's settings).",
     )
     worker.set_defaults(command=_worker)
+
+    gateway = commands.add_parser(
+        "gateway",
+        help="serve Ollama's and OpenAI's HTTP APIs in front of the bus",
+        description="Serve Ollama's (/api/...) and OpenAI's (/v1/...) HTTP APIs; each request "
+        "becomes a request on the bus. Settings: GATEWAY_HOST, GATEWAY_PORT, GATEWAY_TIMEOUT, "
+        "GATEWAY_API_KEYS, as the README describes.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    gateway.set_defaults(command=_gateway)
     return parser
 
 
@@ -157,6 +168,14 @@ def _worker() -> int:
 
     app = app_from_environment()
     asyncio.run(app.run())
+    return 0
+
+
+def _gateway(args: argparse.Namespace, settings: BusSettings) -> int:
+    # Imported here: the other commands need neither FastAPI nor uvicorn.
+    from chatbus.gateway import GatewaySettings, serve
+
+    serve(GatewaySettings())
     return 0
 
 

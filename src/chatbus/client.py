@@ -52,7 +52,7 @@ from chatbus.errors import (
     InvalidRequestError,
     ServiceUnavailableError,
     error_from_reply,
-    violations,
+    validation_problems,
 )
 from chatbus.settings import DEFAULT_RABBITMQ_URL
 
@@ -201,6 +201,7 @@ class ChatClient:
         *,
         timeout: float | None = None,
         correlation_id: str | None = None,
+        headers: Mapping[str, Any] | None = None,
         **fields: Unpack[RequestFields],
     ) -> AsyncGenerator[ChatEvent, None]:
         """The answer as it is generated: `ChunkReply`s in order, then the `DoneReply`.
@@ -214,9 +215,12 @@ class ChatClient:
         the worker. `break` does that as soon as the generator is garbage collected (at once
         in CPython); `async with contextlib.aclosing(client.stream(...))` does it on leaving
         the block.
+
+        `headers` go on the request message as AMQP headers (e.g. `x-tenant`), beside the
+        `x-deadline` the client sets.
         """
         request = _request(messages, stream=True, **fields)
-        return self._exchange(request, timeout, correlation_id)
+        return self._exchange(request, timeout, correlation_id, headers)
 
     async def chat(
         self,
@@ -224,13 +228,15 @@ class ChatClient:
         *,
         timeout: float | None = None,
         correlation_id: str | None = None,
+        headers: Mapping[str, Any] | None = None,
         **fields: Unpack[RequestFields],
     ) -> DoneReply:
         """The whole answer: `message` (`content`, `thinking`, `tool_calls`), `done_reason`,
         `model`, `usage` and `timings`. Raises a `ChatError` as `stream` does; cancelling the
         task cancels the generation."""
         request = _request(messages, stream=False, **fields)
-        async with contextlib.aclosing(self._exchange(request, timeout, correlation_id)) as events:
+        exchange = self._exchange(request, timeout, correlation_id, headers)
+        async with contextlib.aclosing(exchange) as events:
             async for event in events:
                 if isinstance(event, DoneReply):
                     return event
@@ -257,13 +263,34 @@ class ChatClient:
             raise error_from_reply(answer)
         return answer.models
 
+    async def workers(self) -> int:
+        """How many workers take requests now: the consumers of the requests queue (0 when
+        no worker has declared it yet). A request sent while there are none waits in the
+        queue until one comes, or its deadline passes."""
+        # A channel of its own, not robust: a queue that does not exist closes the channel.
+        try:
+            async with aio_pika.Channel(self._connection) as channel:
+                queue = await channel.declare_queue(self._names.requests_queue, passive=True)
+        except aio_pika.exceptions.ChannelNotFoundEntity:
+            return 0
+        return queue.declaration_result.consumer_count or 0
+
+    @property
+    def connected(self) -> bool:
+        """Whether the connection to RabbitMQ is up (it reconnects by itself)."""
+        return self._connection.connected.is_set()
+
     async def _exchange(
-        self, request: bytes, timeout: float | None, correlation_id: str | None
+        self,
+        request: bytes,
+        timeout: float | None,
+        correlation_id: str | None,
+        extra_headers: Mapping[str, Any] | None,
     ) -> AsyncGenerator[ChatEvent, None]:
         timeout = self._timeout if timeout is None else timeout
         call = self._call(correlation_id or uuid.uuid4().hex, timeout)
         correlation_id = call.correlation_id
-        headers: dict[str, Any] = {}
+        headers: dict[str, Any] = dict(extra_headers or {})
         if timeout is not None:
             # A string: pamqp (under aio-pika) sends a float as 32 bits, a minute off by now.
             headers[DEADLINE_HEADER] = f"{time.time() + timeout:.3f}"
@@ -437,7 +464,7 @@ def _request(messages: Messages, *, stream: bool, **fields: Unpack[RequestFields
         )
         return request.model_dump_json(exclude_none=True).encode()
     except ValidationError as error:
-        raise InvalidRequestError(violations(error), retryable=False) from None
+        raise InvalidRequestError(validation_problems(error.errors())[0], retryable=False) from None
     except PydanticSerializationError as error:
         # Lone surrogates: bytes that were not UTF-8, decoded with surrogateescape (as
         # Python decodes command-line arguments, and standard input in the C locale).

@@ -10,7 +10,7 @@ Each request ends in one log line whose fields a `RequestLog` gathers on the way
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol, Self
 
 from chatbus.contract import TerminalReply
@@ -24,6 +24,9 @@ class OllamaCall(Protocol):
 
 
 class Instruments(Protocol):
+    def request_taken(self, tenant: str | None) -> None:
+        """A request was delivered to the worker; `tenant` is its x-tenant header."""
+
     def ollama_call(self, model: str) -> contextlib.AbstractContextManager[OllamaCall]:
         """Wraps one `/api/chat` call, from sending it to the end of its stream; an exception
         leaving it is the call's failure, a cancellation means the worker closed it."""
@@ -38,6 +41,10 @@ class Instruments(Protocol):
     def terminal_reply(self, reply: TerminalReply) -> None:
         """A request's terminal reply was published (and confirmed)."""
 
+    def reply_published(self, destination: str) -> Callable[[], None]:
+        """What to call each time one of a request's replies is published to `destination`
+        (an exchange, or "default"): resolved once per request, called per reply."""
+
 
 class _NoCall:
     def answered(self) -> None:
@@ -45,6 +52,9 @@ class _NoCall:
 
 
 class _NoInstruments:
+    def request_taken(self, tenant: str | None) -> None:
+        pass
+
     @contextlib.contextmanager
     def ollama_call(self, model: str) -> Iterator[OllamaCall]:
         yield _NoCall()
@@ -57,6 +67,13 @@ class _NoInstruments:
 
     def terminal_reply(self, reply: TerminalReply) -> None:
         pass
+
+    def reply_published(self, destination: str) -> Callable[[], None]:
+        return _nothing
+
+
+def _nothing() -> None:
+    pass
 
 
 NO_INSTRUMENTS: Instruments = _NoInstruments()

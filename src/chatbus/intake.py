@@ -1,6 +1,6 @@
 """What the worker reads from a request message before it calls Ollama: the request itself
-within the limits, its deadline, which delivery this is, and whether it was cancelled
-before it arrived. Pure functions of the message, so each is tested on its own."""
+within the limits, its deadline, its tenant, which delivery this is, and whether it was
+cancelled before it arrived. Pure functions of the message, so each is tested on its own."""
 
 import contextlib
 import json
@@ -15,11 +15,17 @@ from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError
 
-from chatbus.contract import DEADLINE_HEADER, ChatRequest
-from chatbus.errors import InvalidRequestError, shortened, violations
+from chatbus.contract import DEADLINE_HEADER, MAX_TENANT_CHARS, TENANT_HEADER, ChatRequest
+from chatbus.errors import InvalidRequestError, over_limit, shortened, validation_problems
 from chatbus.settings import Limits
 
-__all__ = ["RecentCancels", "delivery_attempt", "parse_request", "request_deadline"]
+__all__ = [
+    "RecentCancels",
+    "delivery_attempt",
+    "parse_request",
+    "request_deadline",
+    "request_tenant",
+]
 
 _UTF8 = frozenset({"utf-8", "utf8"})
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
@@ -36,13 +42,10 @@ def parse_request(
     _check_limit("request size in bytes", len(body), "max_request_bytes", limits)
     try:
         request = ChatRequest.model_validate(json.loads(body))
+    except ValidationError as error:
+        raise _invalid(validation_problems(error.errors())[0]) from None
     except (ValueError, TypeError) as error:
-        detail = (
-            violations(error)
-            if isinstance(error, ValidationError)
-            else f"body is not valid JSON: {error}"
-        )
-        raise _invalid(detail) from None
+        raise _invalid(f"body is not valid JSON: {error}") from None
     if _SURROGATE_ESCAPE.search(body):
         _check_unicode(request)
     _check_limit("number of messages", len(request.messages), "max_messages", limits)
@@ -101,7 +104,7 @@ def _check_num_predict(num_predict: object, limits: Limits) -> None:
 def _check_limit(what: str, value: float, limit_name: str, limits: Limits) -> None:
     limit = getattr(limits, limit_name)
     if value > limit:
-        raise _invalid(f"{what} is {value}, over the limit {limit_name}={limit}")
+        raise over_limit(what, value, limit_name, limit)
 
 
 def _invalid(detail: str) -> InvalidRequestError:
@@ -129,16 +132,29 @@ def request_deadline(message: AbstractIncomingMessage) -> float | None:
     return min(deadlines, default=None)
 
 
+def request_tenant(message: AbstractIncomingMessage) -> str | None:
+    """The x-tenant header as text, cut to a length fit for a log line."""
+    header = (message.headers or {}).get(TENANT_HEADER)
+    if header is None:
+        return None
+    text = header.decode(errors="replace") if isinstance(header, bytes | bytearray) else str(header)
+    return text[:MAX_TENANT_CHARS]
+
+
 def _epoch_seconds(header: object) -> float:
     """An AMQP timestamp, an integer, a decimal or a numeric string. (A float header is
     accepted but imprecise: common AMQP clients encode floats in 32 bits.)"""
+    seconds: float | None = None
     if isinstance(header, datetime):
-        return header.timestamp()
-    if isinstance(header, int | float | Decimal) and not isinstance(header, bool):
-        return float(header)
-    if isinstance(header, bytes | str):
+        seconds = header.timestamp()
+    elif isinstance(header, int | float | Decimal) and not isinstance(header, bool):
+        seconds = float(header)
+    elif isinstance(header, bytes | bytearray | str):
+        # A byte array is how Go's and Node's AMQP clients send a buffer.
         with contextlib.suppress(ValueError):
-            return float(header)
+            seconds = float(header)
+    if seconds is not None and math.isfinite(seconds):
+        return seconds
     raise _invalid(
         f"header {DEADLINE_HEADER} must be Unix epoch seconds, got {shortened(repr(header))}"
     )

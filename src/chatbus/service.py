@@ -197,7 +197,7 @@ def create_app(settings: Settings) -> WorkerApp:
         # dead letters need their queue to exist.
         await broker.connect()
         await broker.declare_queue(topology.dead_letter_queue(names, settings.queue_bounds))
-        await broker.declare_exchange(topology.replies_exchange(names))
+        await worker.declare()
 
     @app.after_shutdown
     async def close_ollama_client() -> None:

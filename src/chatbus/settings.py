@@ -12,12 +12,28 @@ import socket
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from yarl import URL
 
 from chatbus.contract import NAMES, ContractNames
+
+__all__ = [
+    "DEFAULT_RABBITMQ_URL",
+    "UNBOUNDED",
+    "BusSettings",
+    "Chunking",
+    "Limits",
+    "LogFormat",
+    "QueueBounds",
+    "RequestLimitSettings",
+    "Retries",
+    "Settings",
+    "Timeouts",
+    "rabbitmq_url_problem",
+    "settings_problems",
+]
 
 DEFAULT_RABBITMQ_URL = "amqp://guest:guest@localhost:5672/"
 
@@ -161,7 +177,17 @@ def settings_problems(error: ValidationError) -> str:
     )
 
 
-class Settings(BusSettings):
+class RequestLimitSettings(BaseModel):
+    """The limits on a request's size, which a requester that builds requests (the gateway's
+    sessions) checks before it sends, under the same names as the worker that enforces them,
+    so that one environment sets both."""
+
+    max_request_bytes: int = Field(default=Limits.max_request_bytes, ge=1)
+    max_prompt_chars: int = Field(default=Limits.max_prompt_chars, ge=1)
+    max_messages: int = Field(default=Limits.max_messages, ge=1)
+
+
+class Settings(BusSettings, RequestLimitSettings):
     """The worker's settings."""
 
     ollama_host: str = Field(default="http://localhost:11434")
@@ -209,9 +235,6 @@ class Settings(BusSettings):
     flush_window: float = Field(default=Chunking.flush_window, ge=0)
     max_chunk_chars: int = Field(default=Chunking.max_chars, ge=1)
 
-    max_request_bytes: int = Field(default=Limits.max_request_bytes, ge=1)
-    max_prompt_chars: int = Field(default=Limits.max_prompt_chars, ge=1)
-    max_messages: int = Field(default=Limits.max_messages, ge=1)
     max_num_predict: int = Field(default=Limits.max_num_predict, ge=1)
     max_model_chars: int = Field(default=Limits.max_model_chars, ge=1)
     allowed_models: list[str] = Field(default_factory=list)

@@ -13,23 +13,27 @@ import time
 
 import ollama
 from aio_pika.abc import AbstractIncomingMessage
-from faststream.rabbit import RabbitBroker, RabbitExchange
+from faststream.rabbit import RabbitBroker
 from faststream.rabbit.message import RabbitMessage
+from opentelemetry import propagate
 
-from chatbus import topology
 from chatbus.contract import CancelRequest, ChatRequest
 from chatbus.errors import ChatError, DeadlineExceededError, InternalError
 from chatbus.generation import Generation, cancelled
 from chatbus.instruments import NO_INSTRUMENTS, Instruments, RequestLog
-from chatbus.intake import RecentCancels, delivery_attempt, parse_request, request_deadline
-from chatbus.replies import ReplyPublisher, ReplyRoute, RequesterGone
+from chatbus.intake import (
+    RecentCancels,
+    delivery_attempt,
+    parse_request,
+    request_deadline,
+    request_tenant,
+)
+from chatbus.replies import ReplyExchanges, ReplyPublisher, RequesterGone
 from chatbus.settings import Settings
 
 __all__ = ["ChatWorker"]
 
 logger = logging.getLogger("chatbus.worker")
-
-_DEFAULT_EXCHANGE = RabbitExchange("")
 
 
 class ChatWorker:
@@ -45,9 +49,13 @@ class ChatWorker:
         self._settings = settings
         self._limits = settings.limits
         self._instruments = instruments
-        self._replies_exchange = topology.replies_exchange(settings.names)
+        self._exchanges: ReplyExchanges | None = None
         self._running: dict[str, Generation] = {}
         self._recent_cancels = RecentCancels(settings.cancel_memory_seconds)
+
+    async def declare(self) -> None:
+        """Declare where replies go; the broker must be connected."""
+        self._exchanges = await ReplyExchanges.declare(self._broker, self._settings.names)
 
     @property
     def in_flight(self) -> int:
@@ -65,6 +73,10 @@ class ChatWorker:
         correlation_id = raw.correlation_id or raw.message_id
         attempt = delivery_attempt(raw)
         log = RequestLog(correlation_id, attempt)
+        tenant = request_tenant(raw)
+        if tenant is not None:
+            log["tenant"] = tenant
+        self._instruments.request_taken(tenant)
         if not correlation_id:
             logger.warning(
                 "request without correlation_id or message_id: dead-lettered",
@@ -72,17 +84,17 @@ class ChatWorker:
             )
             await message.reject(requeue=False)
             return
-        if raw.reply_to:
-            route = ReplyRoute(_DEFAULT_EXCHANGE, raw.reply_to)
-        else:
-            route = ReplyRoute(self._replies_exchange, correlation_id)
+        assert self._exchanges is not None, "declare() runs before the first request"
+        # The request's trace context, as the telemetry middleware made it current.
+        trace_headers: dict[str, str] = {}
+        propagate.inject(trace_headers)
         replies = ReplyPublisher(
-            self._broker,
-            route,
+            self._exchanges.route(raw.reply_to, correlation_id),
             correlation_id,
             attempt,
             publish_timeout=self._settings.publish_timeout,
             instruments=self._instruments,
+            headers=trace_headers,
         )
         try:
             answered = await self._answer(raw, correlation_id, replies, log)
