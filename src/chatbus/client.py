@@ -14,7 +14,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal, Self, TypedDict, Unpack
@@ -187,10 +187,14 @@ class ChatClient:
 
     async def close(self) -> None:
         """Cancel the requests still in flight and close the connection."""
-        self._closing = True
         if self._connection.connected.is_set():
+            if self._background:
+                # Cancelled requests whose end the worker has yet to confirm.
+                await asyncio.wait(self._background, timeout=CANCEL_GRACE)
+            self._closing = True
             for correlation_id in list(self._pending):
                 await self._publish_cancel(correlation_id)
+        self._closing = True
         for task in self._background:
             task.cancel()
         await self._connection.close()
@@ -324,15 +328,24 @@ class ChatClient:
                 shown = True
                 yield reply
         finally:
-            release = self._release(call, cancel=not ended)
             if self._connection.connected.is_set():
                 # Shielded: a second cancel must not keep the worker from hearing of the first.
-                await asyncio.shield(release)
+                if not ended:
+                    await asyncio.shield(self._publish_cancel_when_open(correlation_id))
+                release = self._release(call, waits_for_the_end=not ended)
+                if ended:
+                    await asyncio.shield(release)
+                else:
+                    # The caller need not wait for the worker to confirm the cancel.
+                    self._in_background(release)
             else:
                 # Done once the connection is back, which the caller need not wait for.
-                task = asyncio.create_task(release)
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
+                self._in_background(self._release(call, cancel=not ended))
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _call(self, correlation_id: str, timeout: float | None) -> _Call:
         if correlation_id in self._pending:
@@ -391,8 +404,11 @@ class ChatClient:
             )
         return message
 
-    async def _release(self, call: _Call, *, cancel: bool) -> None:
-        """Stop listening for a request's replies, and cancel it unless it ended."""
+    async def _release(
+        self, call: _Call, *, cancel: bool = False, waits_for_the_end: bool = False
+    ) -> None:
+        """Stop listening for a request's replies: first cancel it (`cancel`), or wait for
+        the worker to end the request it was sent a cancel for (`waits_for_the_end`)."""
         correlation_id = call.correlation_id
         try:
             if self._closing:
@@ -400,12 +416,21 @@ class ChatClient:
             await self._channel.ready()  # after a lost connection: until it is back
             if cancel:
                 await self._publish_cancel(correlation_id)
+            if cancel or waits_for_the_end:
                 await self._until_ended(call)
             await self._replies.unbind(self._replies_exchange, routing_key=correlation_id)
         except (aio_pika.exceptions.AMQPError, ConnectionError, ChannelInvalidStateError) as error:
             logger.warning("could not release request %s: %r", correlation_id, error)
         finally:
             del self._pending[correlation_id]
+
+    async def _publish_cancel_when_open(self, correlation_id: str) -> None:
+        if self._closing:
+            return  # close() cancels it
+        try:
+            await self._publish_cancel(correlation_id)
+        except (aio_pika.exceptions.AMQPError, ConnectionError, ChannelInvalidStateError) as error:
+            logger.warning("could not cancel request %s: %r", correlation_id, error)
 
     async def _until_ended(self, call: _Call) -> None:
         """Keep listening, for at most `CANCEL_GRACE` seconds, until the worker ends the
