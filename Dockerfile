@@ -21,8 +21,10 @@ RUN --mount=type=cache,target=/root/.cache/uv \
     uv sync --frozen --no-dev --no-editable
 
 FROM python:3.11.13-slim-bookworm
+# /var/lib/chatbus: the gateway's session history (a volume in compose), the user's own.
 RUN groupadd --system --gid 10001 chatbus \
-    && useradd --system --uid 10001 --gid chatbus --no-create-home --shell /usr/sbin/nologin chatbus
+    && useradd --system --uid 10001 --gid chatbus --no-create-home --shell /usr/sbin/nologin chatbus \
+    && install -d -o chatbus -g chatbus /var/lib/chatbus
 WORKDIR /app
 COPY --from=build /app/.venv /app/.venv
 ENV PATH="/app/.venv/bin:$PATH" \

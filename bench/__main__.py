@@ -2,6 +2,7 @@
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import importlib.util
 import json
@@ -17,7 +18,15 @@ import aio_pika
 from aio_pika.abc import AbstractRobustConnection
 
 from bench import scenarios
-from bench.processes import FakeOllamaProcess, PeakRss, cpu_seconds, rss_mb, worker_process
+from bench.processes import (
+    FakeOllamaProcess,
+    PeakRss,
+    broker_pid,
+    cpu_seconds,
+    gateway_process,
+    rss_mb,
+    worker_process,
+)
 from bench.report import print_table, targets
 from bench.requester import Requester
 from chatbus.settings import Chunking, Settings
@@ -36,7 +45,7 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--first-token-samples", type=int, default=200)
     parser.add_argument("--hop-samples", type=int, default=500)
     parser.add_argument("--hop-messages", type=int, default=20_000)
-    parser.add_argument("--paced-streams", type=int, default=500)
+    parser.add_argument("--paced-streams", type=int, default=200)
     parser.add_argument("--paced-tokens", type=int, default=100)
     parser.add_argument("--token-delay", type=float, default=0.02, help="seconds per paced token")
     parser.add_argument(
@@ -45,6 +54,12 @@ def _arguments() -> argparse.Namespace:
         nargs="+",
         default=[Chunking.flush_window],
         help="the worker's FLUSH_WINDOW values the paced streams run with",
+    )
+    parser.add_argument(
+        "--rss-streams", type=int, default=500, help="paced streams in flight for the RSS peak"
+    )
+    parser.add_argument(
+        "--scale-workers", type=int, default=2, help="worker processes for the scale row"
     )
     parser.add_argument(
         "--output", type=Path, help="JSON file (default: bench/results/<time>.json)"
@@ -79,6 +94,8 @@ def _worker_settings(run_id: str, rabbitmq_url: str, ollama_url: str, **values: 
         cancel_exchange=f"{prefix}.chat.cancel",
         dead_letter_queue=f"{prefix}.chat.requests.dlq",
         models_queue=f"{prefix}.chat.models",
+        # Several workers at once (the scale row) must not contend for one HTTP port.
+        http_port=0,
         **values,
     )
 
@@ -116,18 +133,77 @@ async def _throughput_and_first_token(
     }
 
 
+async def _gateway(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    """The same streams through the HTTP gateway, read with the same `ollama` client as the
+    direct baseline: the client, the gateway, the worker and the fake each a process."""
+    async with worker_process(settings), gateway_process(settings) as gateway:
+        client = scenarios.direct_client(gateway.url, args.streams)
+        await scenarios.gateway_tokens_per_second(client, args.streams)  # warm-up
+        rates, cpu_per_token = [], []
+        for _ in range(args.rounds):
+            cpu_before = cpu_seconds(gateway.pid)
+            rate, tokens = await scenarios.gateway_tokens_per_second(client, args.streams)
+            cpu_per_token.append((cpu_seconds(gateway.pid) - cpu_before) / tokens)
+            rates.append(rate)
+        first_token = await scenarios.gateway_first_token(client, args.first_token_samples)
+        await client.close()  # type: ignore[no-untyped-call]
+    return {
+        "tokens_per_second": statistics.median(rates),
+        "tokens_per_second_rounds": rates,
+        "gateway_cpu_us_per_token": statistics.median(cpu_per_token) * 1e6,
+        "first_token_ms": scenarios.summary(first_token),
+    }
+
+
+async def _scale(
+    args: argparse.Namespace,
+    connection: AbstractRobustConnection,
+    settings: Settings,
+    fake: FakeOllamaProcess,
+) -> dict[str, Any]:
+    """The same streams with several worker processes on the same broker, and how busy each
+    process was meanwhile (1.0 is a whole core): the busiest one is the ceiling."""
+    async with contextlib.AsyncExitStack() as stack:
+        workers = [
+            await stack.enter_async_context(worker_process(settings))
+            for _ in range(args.scale_workers)
+        ]
+        requester = await stack.enter_async_context(Requester(connection, settings))
+        await scenarios.service_streams(requester, args.streams, timeout=60)  # warm-up
+        processes = {f"worker {n + 1}": w.pid for n, w in enumerate(workers)}
+        processes |= {"fake Ollama": fake.pid, "requester (this process)": os.getpid()}
+        if (broker := broker_pid(args.rabbitmq_url)) is not None:
+            processes["RabbitMQ"] = broker
+        rates, busy = [], {name: 0.0 for name in processes}
+        for _ in range(args.rounds):
+            before = {name: cpu_seconds(pid) for name, pid in processes.items()}
+            run = await scenarios.service_streams(requester, args.streams, timeout=60)
+            rates.append(run.tokens / run.seconds)
+            for name, pid in processes.items():
+                busy[name] += (cpu_seconds(pid) - before[name]) / run.seconds / args.rounds
+    return {
+        "workers": args.scale_workers,
+        "tokens_per_second": statistics.median(rates),
+        "tokens_per_second_rounds": rates,
+        "cores_busy": busy,
+    }
+
+
 async def _paced(
-    args: argparse.Namespace, connection: AbstractRobustConnection, settings: Settings
+    args: argparse.Namespace,
+    connection: AbstractRobustConnection,
+    settings: Settings,
+    streams: int,
 ) -> dict[str, Any]:
     async with worker_process(settings) as worker, Requester(connection, settings) as requester:
         idle_rss = rss_mb(worker.pid)
         async with PeakRss(worker.pid) as peak:
             cpu_before = cpu_seconds(worker.pid)
-            run = await scenarios.service_streams(requester, args.paced_streams, timeout=120)
+            run = await scenarios.service_streams(requester, streams, timeout=120)
             cpu = cpu_seconds(worker.pid) - cpu_before
     return {
         "flush_window_ms": settings.flush_window * 1000,
-        "streams": args.paced_streams,
+        "streams": streams,
         "completed": run.completed,
         "seconds": run.seconds,
         "token_lateness_ms": scenarios.summary(scenarios.service_lateness(run, args.token_delay)),
@@ -174,9 +250,11 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
                 run_id,
                 args.rabbitmq_url,
                 fast.url,
-                prefetch=max(args.streams, args.paced_streams),
+                prefetch=max(args.streams, args.paced_streams, args.rss_streams),
             )
             results["service"] = await _throughput_and_first_token(args, connection, settings)
+            results["scale"] = await _scale(args, connection, settings, fast)
+            results["gateway"] = await _gateway(args, settings)
 
         async with FakeOllamaProcess(args.paced_tokens, args.token_delay) as paced:
             client = scenarios.direct_client(paced.url, args.paced_streams)
@@ -189,10 +267,13 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
                     run_id,
                     args.rabbitmq_url,
                     paced.url,
-                    prefetch=max(args.streams, args.paced_streams),
+                    prefetch=max(args.paced_streams, args.rss_streams),
                     flush_window=window,
                 )
-                results["paced"].append(await _paced(args, connection, settings))
+                results["paced"].append(
+                    await _paced(args, connection, settings, args.paced_streams)
+                )
+            results["rss"] = await _paced(args, connection, settings, args.rss_streams)
     finally:
         await _delete_topology(connection, topology)
         await connection.close()

@@ -1,16 +1,23 @@
-"""The processes a run measures, each on its own: the fake Ollama and the worker."""
+"""The processes a run measures, each on its own: the fake Ollama, the worker, the gateway."""
 
 import asyncio
 import contextlib
 import os
+import re
 import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Self
+from urllib.parse import urlsplit
+
+import httpx
 
 from chatbus.settings import Settings
-from chatbus.testing import WorkerProcess
+from chatbus.testing import WorkerProcess, settings_env
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -42,6 +49,11 @@ class FakeOllamaProcess:
             raise RuntimeError("the fake Ollama did not start")
         return self
 
+    @property
+    def pid(self) -> int:
+        assert self._process is not None
+        return self._process.pid
+
     async def __aexit__(
         self,
         exc_type: type[BaseException] | None,
@@ -62,6 +74,75 @@ async def worker_process(settings: Settings) -> AsyncIterator[WorkerProcess]:
     finally:
         await worker.signal(signal.SIGTERM)
         await worker.wait()
+
+
+@dataclass
+class GatewayProcess:
+    pid: int
+    url: str
+
+
+_LISTENING = re.compile(r"Uvicorn running on (http://[\w.:]+)")
+
+
+@contextlib.asynccontextmanager
+async def gateway_process(settings: Settings) -> AsyncIterator[GatewayProcess]:
+    """`chatbus gateway` in front of the worker's queues, as production starts it, on a port
+    it picks; ready once its /readyz says a worker consumes."""
+    process = await asyncio.create_subprocess_exec(
+        Path(sys.executable).parent / "chatbus",
+        "gateway",
+        env=os.environ | settings_env(settings) | {"GATEWAY_PORT": "0"},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output: list[str] = []
+    listening: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    draining = asyncio.create_task(_drain(process, output, listening))
+    try:
+        async with asyncio.timeout(30):
+            url = await listening
+            await _until_ready(url)
+        yield GatewayProcess(process.pid, url)
+    except (TimeoutError, EOFError):
+        raise RuntimeError("the gateway did not get ready:\n" + "".join(output)) from None
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+        await process.wait()
+        await draining
+
+
+async def _drain(
+    process: asyncio.subprocess.Process, output: list[str], listening: asyncio.Future[str]
+) -> None:
+    """Keeps the gateway's output (its pipe must not fill up) and finds its address in it."""
+    assert process.stdout is not None
+    async for line in process.stdout:
+        output.append(line.decode(errors="replace"))
+        if not listening.done() and (found := _LISTENING.search(output[-1])):
+            listening.set_result(found.group(1))
+    if not listening.done():
+        listening.set_exception(EOFError())
+
+
+async def _until_ready(url: str) -> None:
+    """Polls: the gateway learns of the workers from RabbitMQ, and tells only when asked."""
+    async with httpx.AsyncClient(base_url=url) as http:
+        while True:
+            if (await http.get("/readyz")).status_code == 200:
+                return
+            await asyncio.sleep(0.1)
+
+
+def broker_pid(rabbitmq_url: str) -> int | None:
+    """The process listening on the broker's AMQP port, when it runs on this machine."""
+    port = urlsplit(rabbitmq_url).port or 5672
+    listing = subprocess.run(
+        ["ss", "-Hltnp", f"sport = :{port}"], capture_output=True, text=True, check=False
+    ).stdout
+    found = re.search(r"pid=(\d+)", listing)
+    return int(found[1]) if found else None
 
 
 def rss_mb(pid: int) -> float:

@@ -72,6 +72,40 @@ async def direct_lateness(client: ollama.AsyncClient, streams: int, delay: float
 
 
 @dataclass
+class HttpStream:
+    first_token: float
+    """Seconds from sending the request to the first part with text."""
+    tokens: int
+    """As the final part counts them (a part through the gateway holds several tokens)."""
+
+
+async def _http_stream(client: ollama.AsyncClient) -> HttpStream:
+    started = time.perf_counter()
+    first_token_at = None
+    tokens = 0
+    async for part in await client.chat(model=MODEL, messages=MESSAGES, stream=True):
+        if first_token_at is None and part.message.content:
+            first_token_at = time.perf_counter()
+        if part.done:
+            tokens = part.eval_count or 0
+    assert first_token_at is not None, "an answer without text"
+    return HttpStream(first_token_at - started, tokens)
+
+
+async def gateway_tokens_per_second(client: ollama.AsyncClient, streams: int) -> tuple[float, int]:
+    """`streams` at once through the gateway: tokens per second, and how many tokens."""
+    started = time.perf_counter()
+    runs = await asyncio.gather(*(_http_stream(client) for _ in range(streams)))
+    tokens = sum(run.tokens for run in runs)
+    return tokens / (time.perf_counter() - started), tokens
+
+
+async def gateway_first_token(client: ollama.AsyncClient, samples: int) -> list[float]:
+    """Seconds to the first token through the gateway, one request at a time."""
+    return [(await _http_stream(client)).first_token for _ in range(samples)]
+
+
+@dataclass
 class Hop:
     reply_latencies: list[float]
     request_latencies: list[float]

@@ -17,9 +17,11 @@ from urllib.parse import urlsplit
 
 import aio_pika
 import pytest
+from redis import Redis
 
 from chatbus.settings import Settings
 from chatbus.testing import FakeOllama, running_worker
+from tests.gateway_support import Gateway, running_gateway
 from tests.support import Requester
 
 RUN_PREFIX = f"test-{uuid.uuid4().hex[:8]}"
@@ -36,10 +38,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
-def _answers(url: str) -> bool:
+def _answers(url: str, default_port: int = 5672) -> bool:
     parts = urlsplit(url)
     try:
-        with socket.create_connection((parts.hostname or "localhost", parts.port or 5672), 3):
+        with socket.create_connection(
+            (parts.hostname or "localhost", parts.port or default_port), 3
+        ):
             return True
     except OSError:
         return False
@@ -156,3 +160,34 @@ async def requester(
 ) -> AsyncIterator[Requester]:
     async with Requester(amqp, worker) as requester:
         yield requester
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """REDIS_URL, or the Redis on 127.0.0.1:6379. Tests that need it are skipped when it does
+    not answer, except with CI=true, where that is a failure."""
+    url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    if not _answers(url, default_port=6379):
+        reason = f"no Redis answers at {url} (set REDIS_URL or start redis-server)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return url
+
+
+@pytest.fixture(scope="session")
+def redis_prefix(redis_url: str) -> Iterator[str]:
+    """A key prefix of this run's own; every key under it is deleted at the end."""
+    prefix = f"{RUN_PREFIX}:"
+    yield prefix
+    with Redis.from_url(redis_url) as client:
+        keys = list(client.scan_iter(match=f"{prefix}*"))
+        if keys:
+            client.delete(*keys)
+
+
+@pytest.fixture(scope="session")
+async def gateway(worker: Settings) -> AsyncIterator[Gateway]:
+    """The HTTP gateway in front of the shared worker, served in this process."""
+    async with running_gateway(worker) as gateway:
+        yield gateway

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,7 +20,7 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from chatbus.settings import Settings
-from chatbus.testing import Behaviour, FakeOllama
+from chatbus.testing import Behaviour, FakeOllama, settings_env
 
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 REPO_ROOT = Path(__file__).parent.parent
@@ -154,6 +155,21 @@ async def dead_letters(connection: AbstractRobustConnection, settings: Settings)
         bodies.append(message.body)
     await channel.close()
     return bodies
+
+
+CHATBUS = str(Path(sys.executable).with_name("chatbus"))
+
+
+async def start_chatbus(
+    settings: Settings, cwd: Path, *args: str, **options: Any
+) -> asyncio.subprocess.Process:
+    """The `chatbus` command with `settings` in its environment, run in `cwd` (away from
+    any .env of the repository); its output is piped unless `options` say otherwise."""
+    options.setdefault("stdout", asyncio.subprocess.PIPE)
+    options.setdefault("stderr", asyncio.subprocess.PIPE)
+    return await asyncio.create_subprocess_exec(
+        CHATBUS, *args, cwd=cwd, env=os.environ | settings_env(settings), **options
+    )
 
 
 def node_with(package: str) -> str:

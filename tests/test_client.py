@@ -566,3 +566,51 @@ async def test_a_failed_turn_leaves_the_history_as_it_was(client: ChatClient) ->
         await conversation.say("Still there?")
 
     assert [m.content for m in conversation.messages] == ["Hello", ANSWER]
+
+
+# --- what a gateway needs: headers of its own, a full queue, how many workers -----------------
+
+
+async def test_headers_of_the_callers_go_on_the_request_beside_the_deadline(
+    played: tuple[PlayedWorker, ChatClient],
+) -> None:
+    worker, client = played
+    answer = asyncio.create_task(
+        client.chat("hi", timeout=60, headers={"x-tenant": "acme", DEADLINE_HEADER: "0"})
+    )
+    request = await worker.next_request()
+    await worker.reply(request, **done(0, "Hello."))
+    await answer
+
+    headers = request.headers or {}
+    assert headers["x-tenant"] == "acme"
+    assert float(str(headers[DEADLINE_HEADER])) > time.time()  # the client's own deadline wins
+
+
+async def test_a_full_request_queue_is_service_unavailable(
+    make_settings: MakeSettings, amqp: AbstractRobustConnection
+) -> None:
+    settings = make_settings()
+    channel = await amqp.channel()
+    # A worker's queue whose length limit is reached: reject-publish nacks every publish.
+    await channel.declare_queue(
+        settings.requests_queue,
+        exclusive=True,
+        arguments={"x-max-length": 0, "x-overflow": "reject-publish"},
+    )
+    async with client_for(settings) as client:
+        with pytest.raises(ServiceUnavailableError, match="full") as raised:
+            await client.chat("hi")
+    await channel.close()
+
+    assert raised.value.retryable is True
+
+
+async def test_workers_counts_the_consumers_of_the_request_queue(
+    make_settings: MakeSettings, worker: Settings
+) -> None:
+    async with client_for(make_settings()) as nobody, client_for(worker) as served:
+        assert await nobody.workers() == 0  # no worker ever declared that queue
+        assert await served.workers() == 1
+        assert nobody.connected
+        assert await served.chat("hi")  # the channel of the count left the client working

@@ -46,11 +46,11 @@ def test_whole_urls_keep_their_own_credentials() -> None:
 @pytest.mark.parametrize(
     ("setting", "complaint"),
     [
-        ("localhost:5672", "must start with an amqp:// or amqps:// URL"),
-        ("http://localhost/", "must start with an amqp:// or amqps:// URL"),
-        ("amqp://u:secret@one/,,two", "empty address"),
-        ("amqp://u:secret@one/,two:port", "'two:port' is not host[:port]"),
-        ("amqp://u:secret@one/,redis://two/", "is not an amqp URL"),
+        ("localhost:5672", "must start with amqp:// or amqps://"),
+        ("http://localhost/", "must start with amqp:// or amqps://"),
+        ("amqp://u:secret@one/,,two", "address 2 is empty"),
+        ("amqp://u:secret@one/,two:port", "address 2 has a port that is not a number"),
+        ("amqp://u:secret@one/,redis://two/", "address 2 must start with amqp://"),
     ],
 )
 def test_an_unreadable_setting_is_a_configuration_error(setting: str, complaint: str) -> None:

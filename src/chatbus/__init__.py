@@ -2,16 +2,19 @@
 
 The public API is what this package exports (`__all__`) plus the modules
 `chatbus.contract` (the messages and names), `chatbus.errors` (the failure tree),
-`chatbus.settings`, `chatbus.service` (the worker) and `chatbus.testing` (the testing kit).
+`chatbus.client` and `chatbus.conversation` (the requester side), `chatbus.settings`,
+`chatbus.service` (the worker), `chatbus.testing` (the testing kit) and `chatbus.gateway`
+(the HTTP gateway).
 Other modules are the worker's insides and may change without notice.
 """
 
-from importlib.metadata import version
+from importlib.metadata import version as _distribution_version
 
 from chatbus.client import ChatClient, ChatEvent, Messages, RequestFields, Restarted
 from chatbus.contract import (
     DEADLINE_HEADER,
     NAMES,
+    TENANT_HEADER,
     AssistantMessage,
     CancelRequest,
     ChatMessage,
@@ -40,11 +43,12 @@ from chatbus.errors import (
 )
 from chatbus.settings import BusSettings, Settings
 
-__version__ = version("chatbus")
+__version__ = _distribution_version("chatbus")
 
 __all__ = [
     "DEADLINE_HEADER",
     "NAMES",
+    "TENANT_HEADER",
     "AssistantMessage",
     "BusSettings",
     "CancelRequest",

@@ -42,6 +42,7 @@ from pydantic.json_schema import models_json_schema
 from chatbus import topology
 from chatbus.contract import (
     DEADLINE_HEADER,
+    TENANT_HEADER,
     AssistantMessage,
     CancelRequest,
     ChatRequest,
@@ -53,6 +54,7 @@ from chatbus.contract import (
     Timings,
     Usage,
 )
+from chatbus.settings import UNBOUNDED, QueueBounds
 
 _SCHEMA_REF = "#/components/schemas/{model}"
 _CORRELATION_ID = CorrelationId(
@@ -86,7 +88,13 @@ def _prose(text: str) -> str:
 
 
 class ContractAsyncAPI(AsyncAPI):
-    def __init__(self, broker: RabbitBroker, names: ContractNames, delivery_limit: int) -> None:
+    def __init__(
+        self,
+        broker: RabbitBroker,
+        names: ContractNames,
+        delivery_limit: int,
+        bounds: QueueBounds = UNBOUNDED,
+    ) -> None:
         super().__init__(
             broker,
             title="chatbus",
@@ -102,13 +110,17 @@ class ContractAsyncAPI(AsyncAPI):
         )
         self._names = names
         self._delivery_limit = delivery_limit
+        self._bounds = bounds
 
     def to_specification(self) -> ApplicationSchema:
         document = super().to_specification()
         if not isinstance(document, ApplicationSchema):
             raise TypeError(f"expected an AsyncAPI 3 document, got {type(document).__name__}")
         contract = _Contract(
-            self._names, self._delivery_limit, servers=list(document.servers or {})
+            self._names,
+            self._delivery_limit,
+            self._bounds,
+            servers=list(document.servers or {}),
         )
         components = document.components or Components()
         components.messages = (components.messages or {}) | contract.messages
@@ -122,7 +134,9 @@ class ContractAsyncAPI(AsyncAPI):
 class _Contract:
     """The contract's channels, operations, messages and schemas."""
 
-    def __init__(self, names: ContractNames, delivery_limit: int, servers: list[str]) -> None:
+    def __init__(
+        self, names: ContractNames, delivery_limit: int, bounds: QueueBounds, servers: list[str]
+    ) -> None:
         self.channels: dict[str, Channel] = {}
         self.operations: dict[str, Operation] = {}
         self.messages: dict[str, Message] = {}
@@ -134,7 +148,7 @@ class _Contract:
         self.schemas: dict[str, Any] = definitions["$defs"]
         self._servers = [ref("servers", name) for name in servers]
 
-        requests = topology.requests_queue(names, delivery_limit)
+        requests = topology.requests_queue(names, delivery_limit, bounds)
         self._channel(
             names.requests_queue,
             address=names.requests_queue,
@@ -148,7 +162,10 @@ and dead-lettered at once; one that fails unexpectedly is delivered again, and a
 `DELIVERY_LIMIT` deliveries answered with `internal_error` and dead-lettered into
 `{names.dead_letter_queue}`.
 
-Declared with the arguments {_arguments(requests)}.""",
+Declared with the arguments {_arguments(requests)}. With `MAX_QUEUED_REQUESTS`
+(`x-max-length`) or `MAX_QUEUED_BYTES` (`x-max-length-bytes`) set, a full queue refuses
+further requests: the publisher's confirm is a nack. A requester should take that as the
+service being unavailable, and try again later.""",
             messages=[_request_message()],
         )
         self._channel(
@@ -186,13 +203,14 @@ calling Ollama.""",
         self._channel(
             names.dead_letter_queue,
             address=names.dead_letter_queue,
-            binding=_queue_binding(topology.dead_letter_queue(names)),
+            binding=_queue_binding(topology.dead_letter_queue(names, bounds)),
             description=f"""\
 Requests that were not answered with a generation: invalid ones (after their
 `invalid_request` reply), ones without any correlation or message id, and ones delivered
 `DELIVERY_LIMIT` times. RabbitMQ moves them here from `{names.requests_queue}`
 (at-least-once dead-lettering) with its `x-death` headers; nobody consumes them
-automatically.""",
+automatically. `DLQ_MAX_LENGTH` (`x-max-length`: the oldest are dropped first) and
+`DLQ_MAX_AGE` (`x-message-ttl`) bound how many are kept, and for how long.""",
             messages=[_dead_letter_message()],
         )
 
@@ -360,7 +378,13 @@ def _request_message() -> Message:
                     "queued past it is answered `deadline_exceeded` without calling Ollama; "
                     "a generation running past it is stopped. The AMQP `expiration` property "
                     "is honoured as a deadline too.",
-                }
+                },
+                TENANT_HEADER: {
+                    "type": "string",
+                    "description": "The tenant the request is made for (the HTTP gateway "
+                    "sets it from the caller's API key). Optional: the worker logs it and "
+                    "counts requests by it; the answer does not depend on it.",
+                },
             },
         },
     )

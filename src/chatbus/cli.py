@@ -7,6 +7,7 @@ from the environment or a `.env` file.
 import argparse
 import asyncio
 import contextlib
+import io
 import json
 import logging
 import sys
@@ -15,6 +16,9 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 from aio_pika.exceptions import AMQPConnectionError, ChannelNotFoundEntity
+from aiormq.exceptions import InvalidFrameError
+from pydantic import ValidationError
+from yarl import URL
 
 from chatbus import failover
 from chatbus.client import ChatClient, ChatEvent, RequestFields, Restarted
@@ -22,12 +26,14 @@ from chatbus.contract import DoneReply, ModelInfo
 from chatbus.conversation import Conversation
 from chatbus.dlq import DeadLetter, DeadLetterError, DeadLetterQueue, Outcome
 from chatbus.errors import ChatError
-from chatbus.settings import DEFAULT_RABBITMQ_URL, BusSettings
+from chatbus.settings import DEFAULT_RABBITMQ_URL, BusSettings, settings_problems
 from chatbus.startup import RabbitMQRefused
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+WAITING_NOTICE_AFTER = 5.0
+"""Seconds without a first token before the CLI says that it is still waiting."""
 
 EPILOG = f"""\
 settings, from the environment or .env, as the service reads them:
@@ -36,8 +42,8 @@ settings, from the environment or .env, as the service reads them:
   REQUESTS_QUEUE, REPLIES_EXCHANGE, CANCEL_EXCHANGE, MODELS_QUEUE, DEAD_LETTER_QUEUE
                      default: the contract's names
 exit codes:
-  0 done, {EXIT_ERROR} the request failed or RabbitMQ is unreachable, {EXIT_USAGE} bad arguments,
-  {EXIT_INTERRUPTED} interrupted (Ctrl-C cancels the generation)"""
+  0 done, {EXIT_ERROR} the request failed, RabbitMQ is unreachable or a setting is invalid,
+  {EXIT_USAGE} bad arguments, {EXIT_INTERRUPTED} interrupted (Ctrl-C cancels the generation)"""
 
 
 DEFAULT_TIMEOUT = 300.0
@@ -59,8 +65,17 @@ class CliError(Exception):
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    worker_command: bool = args.command is _worker
+    if worker_command:
+        # The worker reads settings of its own, and exits 2 when they cannot work.
+        return _worker()
+    try:
+        settings = BusSettings()
+    except ValidationError as error:
+        print(f"chatbus: {settings_problems(error)}", file=sys.stderr)
+        return EXIT_ERROR
+    _for_people()
     _say_client_warnings()
-    settings = BusSettings()
     try:
         return int(args.command(args, settings))
     except (ChatError, CliError) as error:
@@ -69,6 +84,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nchatbus: cancelled", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _for_people() -> None:
+    """Every failure reaches the user as one line of this command's own. The libraries'
+    log lines (aiormq's "error when creating transport", aio-pika's reconnect attempts)
+    would only repeat it, with less to act on; the client's own warnings get our prefix.
+    Input that is not UTF-8 is read as the command line is (surrogateescape), so that the
+    client refuses it in one line instead of the read failing with a traceback."""
+    logging.basicConfig(format="chatbus: %(message)s", level=logging.WARNING)
+    for library in ("aiormq", "aio_pika"):
+        logging.getLogger(library).propagate = False
+        logging.getLogger(library).addHandler(logging.NullHandler())
+    if isinstance(sys.stdin, io.TextIOWrapper):
+        sys.stdin.reconfigure(errors="surrogateescape")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -150,11 +179,22 @@ def _parser() -> argparse.ArgumentParser:
         description="Run a worker, configured by the environment (see the README's settings).",
     )
     worker.set_defaults(command=_worker)
+
+    gateway = commands.add_parser(
+        "gateway",
+        help="serve Ollama's and OpenAI's HTTP APIs in front of the bus",
+        description="Serve Ollama's (/api/...) and OpenAI's (/v1/...) HTTP APIs; each request "
+        "becomes a request on the bus. Settings: GATEWAY_HOST, GATEWAY_PORT, GATEWAY_TIMEOUT, "
+        "GATEWAY_API_KEYS, as the README describes.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    gateway.set_defaults(command=_gateway)
     _add_dlq_commands(commands)
     return parser
 
 
-def _worker(args: argparse.Namespace, settings: BusSettings) -> int:
+def _worker() -> int:
     # Imported here: the service's metrics and tracing would slow every other command.
     from chatbus.service import app_from_environment
 
@@ -206,6 +246,14 @@ def _add_dlq_commands(commands: "argparse._SubParsersAction[argparse.ArgumentPar
     purge.set_defaults(command=_dlq_purge)
 
 
+def _gateway(args: argparse.Namespace, settings: BusSettings) -> int:
+    # Imported here: the other commands need neither FastAPI nor uvicorn.
+    from chatbus.gateway import GatewaySettings, serve
+
+    serve(GatewaySettings())
+    return 0
+
+
 def _option(text: str) -> tuple[str, Any]:
     key, separator, value = text.partition("=")
     if not separator or not key:
@@ -239,6 +287,12 @@ def _chat(args: argparse.Namespace, settings: BusSettings) -> int:
     with asyncio.Runner() as runner:
         client = runner.run(_connect(settings, args))
         conversation = Conversation(client, system=args.system, **_fields(args))
+        print(
+            f"chatbus chat · model: {_model_name(conversation)} · /model NAME, /reset, "
+            "/exit or Ctrl-D to leave · Ctrl-C stops an answer",
+            file=sys.stderr,
+            flush=True,
+        )
         try:
             while (line := _read_line(interactive)) is not None:
                 if line.startswith("/"):
@@ -257,6 +311,8 @@ def _read_line(interactive: bool) -> str | None:
         try:
             return input(">>> " if interactive else "")
         except EOFError:
+            if interactive:
+                print()  # Ctrl-D leaves the cursor after the prompt: the shell's goes below
             return None
         except KeyboardInterrupt:
             print("\n(/exit or Ctrl-D leaves)", file=sys.stderr)
@@ -272,10 +328,14 @@ def _command(line: str, conversation: Conversation) -> bool:
         print("(history cleared)", file=sys.stderr)
     elif name == "/model":
         conversation.model = argument.strip() or conversation.model
-        print(f"(model: {conversation.model or 'the worker default'})", file=sys.stderr)
+        print(f"(model: {_model_name(conversation)})", file=sys.stderr)
     else:
         print("(commands: /reset, /model [NAME], /exit)", file=sys.stderr)
     return True
+
+
+def _model_name(conversation: Conversation) -> str:
+    return conversation.model or "the worker's default"
 
 
 async def _turn(conversation: Conversation, line: str, printer: "Printer") -> None:
@@ -438,6 +498,18 @@ async def _connect(settings: BusSettings, args: argparse.Namespace | None) -> Ch
 def _connection_errors(settings: BusSettings) -> Iterator[None]:
     try:
         yield
+    except InvalidFrameError as error:
+        if "Connection.OpenOk" not in str(error):
+            raise
+        # RabbitMQ closed the connection in answer to opening the virtual host; aiormq
+        # keeps only that, not the broker's words ("vhost ... not found", or "access to
+        # vhost ... refused").
+        url = failover.addresses(settings.rabbitmq_url)[0]
+        raise CliError(
+            f"RabbitMQ at {failover.shown(settings.rabbitmq_url)} refused virtual host "
+            f"{_vhost(url)!r}: it does not exist, or user {url.user or 'guest'!r} may not use "
+            "it (see rabbitmqctl list_vhosts, list_permissions)"
+        ) from None
     except (OSError, AMQPConnectionError) as error:
         where = failover.shown(settings.rabbitmq_url)
         raise CliError(f"cannot connect to RabbitMQ at {where}: {error}") from None
@@ -445,31 +517,53 @@ def _connection_errors(settings: BusSettings) -> Iterator[None]:
         raise CliError(str(error)) from None
 
 
+def _vhost(url: URL) -> str:
+    """The virtual host as aiormq names it: the path without its first slash, or "/"."""
+    return url.path[1:] or "/"
+
+
 class Printer:
     """Shows one answer: text on stdout as it comes, thinking and the usage line on stderr;
-    or, with `json_lines`, every event as a line of JSON on stdout."""
+    or, with `json_lines`, every event as a line of JSON on stdout. When nothing has come
+    after `notice_after` seconds, it says on stderr that it is still waiting, and why that
+    may be."""
 
-    def __init__(self, *, json_lines: bool) -> None:
+    def __init__(self, *, json_lines: bool, notice_after: float = WAITING_NOTICE_AFTER) -> None:
         self._json = json_lines
+        self._notice_after = notice_after
 
     async def show(self, events: AsyncIterator[ChatEvent]) -> None:
         started = time.monotonic()
         first_token_after: float | None = None
-        async for event in events:
-            if self._json:
-                print(event.model_dump_json(exclude_none=True), file=sys.stdout, flush=True)
-            if isinstance(event, DoneReply):
-                self._finish(event, first_token_after)
-            elif isinstance(event, Restarted):
-                if not self._json:
-                    print("\n(the worker restarted this answer)", file=sys.stderr, flush=True)
-            else:
-                if first_token_after is None:
-                    first_token_after = time.monotonic() - started
-                if not self._json:
-                    if event.thinking:
-                        print(event.thinking, end="", file=sys.stderr, flush=True)
-                    print(event.content, end="", file=sys.stdout, flush=True)
+        notice = asyncio.get_running_loop().call_later(self._notice_after, self._still_waiting)
+        try:
+            async for event in events:
+                notice.cancel()
+                if self._json:
+                    print(event.model_dump_json(exclude_none=True), file=sys.stdout, flush=True)
+                if isinstance(event, DoneReply):
+                    self._finish(event, first_token_after)
+                elif isinstance(event, Restarted):
+                    if not self._json:
+                        print("\n(the worker restarted this answer)", file=sys.stderr, flush=True)
+                else:
+                    if first_token_after is None:
+                        first_token_after = time.monotonic() - started
+                    if not self._json:
+                        if event.thinking:
+                            print(event.thinking, end="", file=sys.stderr, flush=True)
+                        print(event.content, end="", file=sys.stdout, flush=True)
+        finally:
+            notice.cancel()
+
+    def _still_waiting(self) -> None:
+        print(
+            f"(no answer yet after {self._notice_after:g} s: no worker may have taken the "
+            "request yet, the model may be loading, or Ollama may be busy or unreachable "
+            "while the worker retries; Ctrl-C cancels)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def _finish(self, done: DoneReply, first_token_after: float | None) -> None:
         if not self._json:

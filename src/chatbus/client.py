@@ -14,7 +14,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal, Self, TypedDict, Unpack
@@ -29,6 +29,7 @@ from aiormq.abc import DeliveredMessage
 from aiormq.exceptions import ChannelInvalidStateError
 from faststream.rabbit import RabbitExchange
 from pydantic import BaseModel, ValidationError
+from pydantic_core import PydanticSerializationError
 
 from chatbus import failover, topology
 from chatbus.contract import (
@@ -50,6 +51,7 @@ from chatbus.errors import (
     InvalidRequestError,
     ServiceUnavailableError,
     error_from_reply,
+    validation_problems,
 )
 from chatbus.settings import DEFAULT_RABBITMQ_URL
 from chatbus.startup import until_rabbitmq_answers
@@ -57,6 +59,10 @@ from chatbus.startup import until_rabbitmq_answers
 __all__ = ["ChatClient", "ChatEvent", "Messages", "RequestFields", "Restarted"]
 
 logger = logging.getLogger("chatbus.client")
+
+CANCEL_GRACE = 2.0
+"""Seconds a cancelled request waits for the worker's terminal reply before it stops
+listening (a request still queued is answered only when a worker takes it)."""
 
 
 class Restarted(BaseModel):
@@ -204,10 +210,14 @@ class ChatClient:
 
     async def close(self) -> None:
         """Cancel the requests still in flight and close the connection."""
-        self._closing = True
         if self._connection.connected.is_set():
+            if self._background:
+                # Cancelled requests whose end the worker has yet to confirm.
+                await asyncio.wait(self._background, timeout=CANCEL_GRACE)
+            self._closing = True
             for correlation_id in list(self._pending):
                 await self._publish_cancel(correlation_id)
+        self._closing = True
         for task in self._background:
             task.cancel()
         await self._connection.close()
@@ -218,6 +228,7 @@ class ChatClient:
         *,
         timeout: float | None = None,
         correlation_id: str | None = None,
+        headers: Mapping[str, Any] | None = None,
         **fields: Unpack[RequestFields],
     ) -> AsyncGenerator[ChatEvent, None]:
         """The answer as it is generated: `ChunkReply`s in order, then the `DoneReply`.
@@ -231,9 +242,12 @@ class ChatClient:
         the worker. `break` does that as soon as the generator is garbage collected (at once
         in CPython); `async with contextlib.aclosing(client.stream(...))` does it on leaving
         the block.
+
+        `headers` go on the request message as AMQP headers (e.g. `x-tenant`), beside the
+        `x-deadline` the client sets.
         """
         request = _request(messages, stream=True, **fields)
-        return self._exchange(request, timeout, correlation_id)
+        return self._exchange(request, timeout, correlation_id, headers)
 
     async def chat(
         self,
@@ -241,13 +255,15 @@ class ChatClient:
         *,
         timeout: float | None = None,
         correlation_id: str | None = None,
+        headers: Mapping[str, Any] | None = None,
         **fields: Unpack[RequestFields],
     ) -> DoneReply:
         """The whole answer: `message` (`content`, `thinking`, `tool_calls`), `done_reason`,
         `model`, `usage` and `timings`. Raises a `ChatError` as `stream` does; cancelling the
         task cancels the generation."""
         request = _request(messages, stream=False, **fields)
-        async with contextlib.aclosing(self._exchange(request, timeout, correlation_id)) as events:
+        exchange = self._exchange(request, timeout, correlation_id, headers)
+        async with contextlib.aclosing(exchange) as events:
             async for event in events:
                 if isinstance(event, DoneReply):
                     return event
@@ -278,13 +294,34 @@ class ChatClient:
             raise error_from_reply(answer)
         return answer.models
 
+    async def workers(self) -> int:
+        """How many workers take requests now: the consumers of the requests queue (0 when
+        no worker has declared it yet). A request sent while there are none waits in the
+        queue until one comes, or its deadline passes."""
+        # A channel of its own, not robust: a queue that does not exist closes the channel.
+        try:
+            async with aio_pika.Channel(self._connection) as channel:
+                queue = await channel.declare_queue(self._names.requests_queue, passive=True)
+        except aio_pika.exceptions.ChannelNotFoundEntity:
+            return 0
+        return queue.declaration_result.consumer_count or 0
+
+    @property
+    def connected(self) -> bool:
+        """Whether the connection to RabbitMQ is up (it reconnects by itself)."""
+        return self._connection.connected.is_set()
+
     async def _exchange(
-        self, request: ChatRequest, timeout: float | None, correlation_id: str | None
+        self,
+        request: bytes,
+        timeout: float | None,
+        correlation_id: str | None,
+        extra_headers: Mapping[str, Any] | None,
     ) -> AsyncGenerator[ChatEvent, None]:
         timeout = self._timeout if timeout is None else timeout
         call = self._call(correlation_id or uuid.uuid4().hex, timeout)
         correlation_id = call.correlation_id
-        headers: dict[str, Any] = {}
+        headers: dict[str, Any] = dict(extra_headers or {})
         if timeout is not None:
             # A string: pamqp (under aio-pika) sends a float as 32 bits, a minute off by now.
             headers[DEADLINE_HEADER] = f"{time.time() + timeout:.3f}"
@@ -296,7 +333,7 @@ class ChatClient:
                 )
                 await self._replies.bind(self._replies_exchange, routing_key=correlation_id)
                 await self._publish(
-                    request.model_dump_json(exclude_none=True).encode(),
+                    request,
                     self._names.requests_queue,
                     correlation_id,
                     headers=headers,
@@ -321,16 +358,24 @@ class ChatClient:
                 shown = True
                 yield reply
         finally:
-            del self._pending[correlation_id]
-            release = self._release(correlation_id, cancel=not ended)
             if self._connection.connected.is_set():
                 # Shielded: a second cancel must not keep the worker from hearing of the first.
-                await asyncio.shield(release)
+                if not ended:
+                    await asyncio.shield(self._publish_cancel_when_open(correlation_id))
+                release = self._release(call, waits_for_the_end=not ended)
+                if ended:
+                    await asyncio.shield(release)
+                else:
+                    # The caller need not wait for the worker to confirm the cancel.
+                    self._in_background(release)
             else:
                 # Done once the connection is back, which the caller need not wait for.
-                task = asyncio.create_task(release)
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
+                self._in_background(self._release(call, cancel=not ended))
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _call(self, correlation_id: str, timeout: float | None) -> _Call:
         if correlation_id in self._pending:
@@ -350,17 +395,26 @@ class ChatClient:
     async def _publish(
         self, body: bytes, queue: str, correlation_id: str, **properties: Any
     ) -> None:
-        """Publish to a queue, mandatory: a queue that does not exist means no worker."""
-        confirmation = await self._channel.default_exchange.publish(
-            aio_pika.Message(
-                body,
-                content_type="application/json",
+        """Publish to a queue, mandatory: a queue that does not exist means no worker. A
+        publish the broker refuses (nack) means the queue is full: the request queue's
+        overflow policy is reject-publish."""
+        try:
+            confirmation = await self._channel.default_exchange.publish(
+                aio_pika.Message(
+                    body,
+                    content_type="application/json",
+                    correlation_id=correlation_id,
+                    **properties,
+                ),
+                routing_key=queue,
+                mandatory=True,
+            )
+        except aio_pika.exceptions.DeliveryError:
+            raise ServiceUnavailableError(
+                f"queue {queue!r} refused the request: it is full",
+                retryable=True,
                 correlation_id=correlation_id,
-                **properties,
-            ),
-            routing_key=queue,
-            mandatory=True,
-        )
+            ) from None
         if isinstance(confirmation, DeliveredMessage):
             raise ServiceUnavailableError(
                 f"no queue {queue!r}: no worker has declared it",
@@ -401,17 +455,43 @@ class ChatClient:
             )
         return message
 
-    async def _release(self, correlation_id: str, *, cancel: bool) -> None:
-        """Stop listening for a request's replies, and cancel it unless it ended."""
-        if self._closing:
-            return  # close() cancels it, and the reply queue goes with the connection
+    async def _release(
+        self, call: _Call, *, cancel: bool = False, waits_for_the_end: bool = False
+    ) -> None:
+        """Stop listening for a request's replies: first cancel it (`cancel`), or wait for
+        the worker to end the request it was sent a cancel for (`waits_for_the_end`)."""
+        correlation_id = call.correlation_id
         try:
+            if self._closing:
+                return  # close() cancels it, and the reply queue goes with the connection
             await self._channel.ready()  # after a lost connection: until it is back
             if cancel:
                 await self._publish_cancel(correlation_id)
+            if cancel or waits_for_the_end:
+                await self._until_ended(call)
             await self._replies.unbind(self._replies_exchange, routing_key=correlation_id)
         except (aio_pika.exceptions.AMQPError, ConnectionError, ChannelInvalidStateError) as error:
             logger.warning("could not release request %s: %r", correlation_id, error)
+        finally:
+            del self._pending[correlation_id]
+
+    async def _publish_cancel_when_open(self, correlation_id: str) -> None:
+        if self._closing:
+            return  # close() cancels it
+        try:
+            await self._publish_cancel(correlation_id)
+        except (aio_pika.exceptions.AMQPError, ConnectionError, ChannelInvalidStateError) as error:
+            logger.warning("could not cancel request %s: %r", correlation_id, error)
+
+    async def _until_ended(self, call: _Call) -> None:
+        """Keep listening, for at most `CANCEL_GRACE` seconds, until the worker ends the
+        cancelled request. Unbinding at once would make the worker's next reply unroutable,
+        and the worker would record the request as `requester_gone`, not `cancelled`."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CANCEL_GRACE):
+                while (message := await call.replies.get()) is not None:
+                    if isinstance(_parse_reply(message), DoneReply | ErrorReply):
+                        return
 
     async def _publish_cancel(self, correlation_id: str) -> None:
         await self._cancel_exchange.publish(
@@ -449,13 +529,28 @@ async def _declare(channel: AbstractRobustChannel, exchange: RabbitExchange) -> 
     )
 
 
-def _request(messages: Messages, *, stream: bool, **fields: Unpack[RequestFields]) -> ChatRequest:
+def _request(messages: Messages, *, stream: bool, **fields: Unpack[RequestFields]) -> bytes:
+    """The request's body; raises `InvalidRequestError` before anything is sent when it
+    breaks the schema or cannot be JSON."""
     if isinstance(messages, str):
         messages = [ChatMessage(role="user", content=messages)]
     try:
-        return ChatRequest.model_validate({"messages": list(messages), "stream": stream, **fields})
+        request = ChatRequest.model_validate(
+            {"messages": list(messages), "stream": stream, **fields}
+        )
+        return request.model_dump_json(exclude_none=True).encode()
     except ValidationError as error:
-        raise InvalidRequestError(str(error), retryable=False) from None
+        raise InvalidRequestError(validation_problems(error.errors())[0], retryable=False) from None
+    except PydanticSerializationError as error:
+        # Lone surrogates: bytes that were not UTF-8, decoded with surrogateescape (as
+        # Python decodes command-line arguments, and standard input in the C locale).
+        problem = (
+            "the request holds text that is not valid UTF-8: convert it to UTF-8 first "
+            "(iconv -f ENCODING -t UTF-8)"
+            if "surrogates not allowed" in str(error)
+            else f"the request cannot be sent as JSON: {error}"
+        )
+        raise InvalidRequestError(problem, retryable=False) from None
 
 
 def _parse_reply(message: AbstractIncomingMessage) -> ChunkReply | DoneReply | ErrorReply | None:

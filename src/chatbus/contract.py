@@ -12,6 +12,32 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+__all__ = [
+    "DEADLINE_HEADER",
+    "MAX_TENANT_CHARS",
+    "NAMES",
+    "TENANT_HEADER",
+    "AssistantMessage",
+    "CancelRequest",
+    "ChatMessage",
+    "ChatRequest",
+    "ChunkReply",
+    "ContractNames",
+    "DoneReply",
+    "ErrorCode",
+    "ErrorReply",
+    "ModelInfo",
+    "ModelsReply",
+    "Reply",
+    "TerminalReply",
+    "Timings",
+    "ToolCall",
+    "ToolCallFunction",
+    "Usage",
+    "models_reply_adapter",
+    "reply_adapter",
+]
+
 
 @dataclass(frozen=True)
 class ContractNames:
@@ -40,6 +66,15 @@ NAMES = ContractNames()
 DEADLINE_HEADER = "x-deadline"
 """Request header: absolute deadline as Unix epoch seconds (integer, decimal string or AMQP
 timestamp). An expired request is answered with `deadline_exceeded` without calling Ollama."""
+
+TENANT_HEADER = "x-tenant"
+"""Request header: the tenant a request is made for, a short string (the HTTP gateway sets
+it from the caller's API key). Optional and informational: the worker puts it in the
+request's log line and counts requests by it (at most 100 tenants, then `other`); it does
+not change the answer."""
+
+MAX_TENANT_CHARS = 64
+"""How much of an x-tenant header the worker keeps."""
 
 
 class _Strict(BaseModel):

@@ -18,9 +18,40 @@ ChatError                      code, message, retryable, correlation_id
 ```
 """
 
-from typing import ClassVar
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 from chatbus.contract import ErrorCode, ErrorReply
+
+__all__ = [
+    "MAX_MESSAGE_CHARS",
+    "ChatError",
+    "ChatTimeoutError",
+    "DeadlineExceededError",
+    "InternalError",
+    "InvalidRequestError",
+    "ModelNotFoundError",
+    "ServiceUnavailableError",
+    "UpstreamError",
+    "UpstreamUnavailableError",
+    "error_from_reply",
+    "error_reply",
+    "over_limit",
+    "shortened",
+    "validation_problems",
+]
+
+MAX_MESSAGE_CHARS = 1000
+"""An error's message is cut to this length: it is sent in replies and logged, and may
+quote what a requester (or Ollama, quoting the request) sent."""
+
+
+def shortened(text: str, chars: int = 40) -> str:
+    """`text` as a message may quote it: whole when short, else its first `chars`
+    characters and its length, so that a hostile value is never echoed at length."""
+    if len(text) <= chars:
+        return text
+    return f"{text[:chars]}… ({len(text)} characters)"
 
 
 class ChatError(Exception):
@@ -30,6 +61,7 @@ class ChatError(Exception):
     code: ClassVar[str]
 
     def __init__(self, message: str, *, retryable: bool, correlation_id: str | None = None) -> None:
+        message = shortened(message, MAX_MESSAGE_CHARS)
         super().__init__(message)
         self.message = message
         self.retryable = retryable
@@ -119,4 +151,30 @@ def error_reply(
         code=ErrorCode(error.code),
         message=error.message,
         retryable=error.retryable,
+    )
+
+
+def validation_problems(errors: Sequence[Any], shown: int = 3) -> tuple[str, str | None]:
+    """Pydantic's validation errors (`ValidationError.errors()`) as one message, `field: what
+    is wrong; ...`, and the first field named. Only the places and pydantic's messages:
+    its full text repeats the input, which may be the user's words. `body` is the request
+    as a whole; FastAPI's places begin with it, and it is left out before a field. A hostile
+    body may break the schema thousands of times, with field names of any length: the
+    first `shown` are named, each place cut short, and the rest counted."""
+    described: list[str] = []
+    first_field = None
+    for problem in errors:
+        place = [str(part) for part in problem["loc"]]
+        field = shortened(".".join(place[1:] if place[:1] == ["body"] else place))
+        if len(described) < shown:
+            described.append(f"{field or 'body'}: {problem['msg']}")
+        first_field = first_field or field or None
+    more = len(errors) - len(described)
+    return "; ".join(described) + (f" (and {more} more)" if more else ""), first_field
+
+
+def over_limit(what: str, value: float, limit_name: str, limit: int) -> InvalidRequestError:
+    """The refusal of a request over one of the limits, naming the setting."""
+    return InvalidRequestError(
+        f"{what} is {value}, over the limit {limit_name}={limit}", retryable=False
     )

@@ -24,6 +24,8 @@ from aio_pika.exceptions import CONNECTION_EXCEPTIONS, ProbableAuthenticationErr
 from faststream.rabbit import RabbitBroker
 from yarl import URL
 
+from chatbus.settings import rabbitmq_url_problem
+
 logger = logging.getLogger("chatbus.failover")
 
 ADDRESS_TIMEOUT = 10.0
@@ -36,28 +38,19 @@ class ConfigurationError(ValueError):
 
 
 def addresses(rabbitmq_url: str) -> tuple[URL, ...]:
-    """The addresses of `RABBITMQ_URL`, in order."""
+    """The addresses of `RABBITMQ_URL`, in order; an entry that is only `host[:port]` takes
+    the rest from the first."""
+    if (problem := rabbitmq_url_problem(rabbitmq_url)) is not None:
+        raise ConfigurationError(f"RABBITMQ_URL {problem}")
     entries = [entry.strip() for entry in rabbitmq_url.split(",")]
-    if not all(entries):
-        raise ConfigurationError(f"RABBITMQ_URL has an empty address: {shown(rabbitmq_url)}")
     first = URL(entries[0])
-    if first.scheme not in ("amqp", "amqps") or not first.host:
-        raise ConfigurationError(
-            f"RABBITMQ_URL must start with an amqp:// or amqps:// URL with a host, "
-            f"got {_hidden(entries[0])}"
-        )
     found = [first]
     for entry in entries[1:]:
         if "://" in entry:
-            url = URL(entry)
+            found.append(URL(entry))
         else:
             host, _, port = entry.partition(":")
-            if not port.isdigit() and port:
-                raise ConfigurationError(f"RABBITMQ_URL: {entry!r} is not host[:port]")
-            url = first.with_host(host).with_port(int(port) if port else None)
-        if url.scheme not in ("amqp", "amqps") or not url.host:
-            raise ConfigurationError(f"RABBITMQ_URL: {_hidden(entry)} is not an amqp URL")
-        found.append(url)
+            found.append(first.with_host(host).with_port(int(port) if port else None))
     return tuple(found)
 
 

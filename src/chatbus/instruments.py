@@ -24,6 +24,9 @@ class OllamaCall(Protocol):
 
 
 class Instruments(Protocol):
+    def request_taken(self, tenant: str | None) -> None:
+        """A request was delivered to the worker; `tenant` is its x-tenant header."""
+
     def ollama_call(self, model: str) -> contextlib.AbstractContextManager[OllamaCall]:
         """Wraps one `/api/chat` call, from sending it to the end of its stream; an exception
         leaving it is the call's failure, a cancellation means the worker closed it."""
@@ -49,6 +52,9 @@ class _NoCall:
 
 
 class _NoInstruments:
+    def request_taken(self, tenant: str | None) -> None:
+        pass
+
     @contextlib.contextmanager
     def ollama_call(self, model: str) -> Iterator[OllamaCall]:
         yield _NoCall()

@@ -95,6 +95,18 @@ class ServiceInstruments:
             "Chat calls repeated because Ollama was unavailable before the first token.",
             registry=registry,
         )
+        self._requests = Counter(
+            "chatbus_requests",
+            "Requests delivered to this worker (redeliveries included), by tenant: the "
+            f"x-tenant header, empty without one, {TenantLabels.OTHER!r} past "
+            f"{TenantLabels.LIMIT} tenants.",
+            ["tenant"],
+            registry=registry,
+        )
+        self._tenants = TenantLabels()
+
+    def request_taken(self, tenant: str | None) -> None:
+        self._requests.labels(self._tenants.label(tenant)).inc()
 
     def watch_in_flight(self, count: Callable[[], int]) -> None:
         """Read the generations in flight from the worker itself at each scrape."""
@@ -141,6 +153,27 @@ class ServiceInstruments:
                 self._tokens.labels(reply.model).inc(reply.usage.completion_tokens)
         else:
             self._replies.labels(reply.type, reply.code).inc()
+
+
+class TenantLabels:
+    """Tenants as a metric label: any requester may send any x-tenant header, so only the
+    first `LIMIT` tenants seen get series of their own and the rest share `OTHER`."""
+
+    LIMIT = 100
+    OTHER = "other"
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()
+
+    def label(self, tenant: str | None) -> str:
+        if tenant is None:
+            return ""
+        if tenant in self._seen:
+            return tenant
+        if len(self._seen) < self.LIMIT:
+            self._seen.add(tenant)
+            return tenant
+        return self.OTHER
 
 
 class _TimedCall:

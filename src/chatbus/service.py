@@ -10,6 +10,7 @@ import asyncio
 import logging
 import signal
 import socket
+import sys
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -17,11 +18,13 @@ from typing import Any
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 from aiormq.exceptions import ChannelPreconditionFailed
 from faststream import AckPolicy
-from faststream.asgi import AsgiFastStream, AsyncAPIRoute
+from faststream.asgi import AsgiFastStream, AsgiResponse, AsyncAPIRoute
+from faststream.asgi.types import Receive, Scope, Send
 from faststream.rabbit import Channel, RabbitBroker, RabbitQueue
 from faststream.rabbit.annotations import RabbitMessage
 from opentelemetry import trace
 from prometheus_client import make_asgi_app
+from pydantic import ValidationError
 
 from chatbus import topology
 from chatbus.asyncapi import ContractAsyncAPI
@@ -37,15 +40,24 @@ from chatbus.observability import (
     prometheus_middleware,
     telemetry_middleware,
 )
-from chatbus.settings import Settings
+from chatbus.settings import Settings, settings_problems
 from chatbus.startup import refusal, until_rabbitmq_answers
 from chatbus.upstream import create_ollama_client
 from chatbus.worker import ChatWorker
 
 # `app` too, built on first use (see `__getattr__` below).
-__all__ = ["EXIT_CONFIGURATION", "WorkerApp", "app_from_environment", "create_app"]
+__all__ = [
+    "EXIT_BAD_SETTINGS",
+    "EXIT_CONFIGURATION",
+    "WorkerApp",
+    "app_from_environment",
+    "create_app",
+]
 
 logger = logging.getLogger("chatbus.service")
+
+EXIT_BAD_SETTINGS = 2
+"""The worker's exit status when its settings cannot work (it exits at once)."""
 
 EXIT_CONFIGURATION = 78
 """The exit code when RabbitMQ refuses the configuration (sysexits' EX_CONFIG): restarting
@@ -109,6 +121,21 @@ class WorkerApp(AsgiFastStream):
             # Probes and scrapes every few seconds would drown the request log lines.
             "access_log": "false",
         }
+
+    async def not_found(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """An unknown HTTP path: a plain 404 that lists the endpoints (FastStream's own
+        answer, "Application doesn't support regular HTTP protocol", tells nobody where to
+        go)."""
+        if scope["type"] != "http":
+            await super().not_found(scope, receive, send)
+            return
+        endpoints = "".join(f"{path}\n" for path, _ in self.routes)
+        response = AsgiResponse(
+            body=f"404 Not Found. The worker's endpoints:\n{endpoints}".encode(),
+            status_code=404,
+            headers={"content-type": "text/plain; charset=utf-8"},
+        )
+        await response(scope, receive, send)
 
     async def run(
         self, log_level: int = logging.INFO, run_extra_options: dict[str, Any] | None = None
@@ -214,7 +241,7 @@ def create_app(settings: Settings) -> WorkerApp:
     )
 
     @broker.subscriber(
-        topology.requests_queue(names, settings.delivery_limit),
+        topology.requests_queue(names, settings.delivery_limit, settings.queue_bounds),
         # The prefetch bounds the generations one worker runs at once.
         channel=Channel(prefetch_count=settings.prefetch),
         consume_args=topology.consumer_arguments(settings.total_timeout, settings.publish_timeout),
@@ -246,7 +273,7 @@ def create_app(settings: Settings) -> WorkerApp:
     async def declare_topology() -> None:
         # Declared before consuming starts: requesters bind to the replies exchange, and
         # dead letters need their queue to exist.
-        await broker.declare_queue(topology.dead_letter_queue(names))
+        await broker.declare_queue(topology.dead_letter_queue(names, settings.queue_bounds))
         await worker.declare()
         await _declare_models_queue(broker, names)
 
@@ -262,7 +289,9 @@ def create_app(settings: Settings) -> WorkerApp:
         ],
         # No try-it-out: it would let any HTTP client publish to the broker.
         asyncapi_path=AsyncAPIRoute("/docs/asyncapi", try_it_out_path=None),
-        specification=ContractAsyncAPI(broker, names, settings.delivery_limit),
+        specification=ContractAsyncAPI(
+            broker, names, settings.delivery_limit, settings.queue_bounds
+        ),
         logger=logging.getLogger("chatbus.app"),
     )
 
@@ -291,8 +320,13 @@ async def _declare_models_queue(broker: RabbitBroker, names: ContractNames) -> N
 
 
 def app_from_environment() -> WorkerApp:
-    """The worker as the environment (and `.env`) configures it, logging included."""
-    settings = Settings()
+    """The worker as the environment (and `.env`) configures it, logging included. Settings
+    that cannot work end the process at once, with one line on stderr naming them."""
+    try:
+        settings = Settings()
+    except ValidationError as error:
+        print(f"chatbus worker: {settings_problems(error)}", file=sys.stderr)
+        sys.exit(EXIT_BAD_SETTINGS)
     configure_logging(settings.log_level, settings.log_format)
     try:
         return create_app(settings)

@@ -12,10 +12,28 @@ import socket
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from yarl import URL
 
 from chatbus.contract import NAMES, ContractNames
+
+__all__ = [
+    "DEFAULT_RABBITMQ_URL",
+    "UNBOUNDED",
+    "BusSettings",
+    "Chunking",
+    "Limits",
+    "LogFormat",
+    "QueueBounds",
+    "RequestLimitSettings",
+    "Retries",
+    "Settings",
+    "Timeouts",
+    "rabbitmq_url_problem",
+    "settings_problems",
+]
 
 DEFAULT_RABBITMQ_URL = "amqp://guest:guest@localhost:5672/"
 
@@ -67,14 +85,37 @@ class Limits:
     max_messages: int = 500
     max_num_predict: int = 4096
     """Also applied when a request sets no num_predict (Ollama's default is no limit)."""
+    max_model_chars: int = 256
+    """The model name is echoed in replies and logs."""
     allowed_models: tuple[str, ...] = ()
     """If not empty, the only models requests may name."""
+
+
+@dataclass(frozen=True)
+class QueueBounds:
+    """How much the request queue and the dead-letter queue may hold; None is no bound.
+    RabbitMQ fixes a queue's arguments when the queue is created: see the README to change
+    them on a running deployment."""
+
+    max_queued_requests: int | None = None
+    """Requests waiting in the request queue (`x-max-length`); a publish past it is
+    refused (reject-publish), which the client raises as `ServiceUnavailableError`."""
+    max_queued_bytes: int | None = None
+    """Bytes of request bodies waiting in the request queue (`x-max-length-bytes`)."""
+    dlq_max_length: int | None = None
+    """Dead letters kept (`x-max-length`); past it the oldest is dropped."""
+    dlq_max_age: float | None = None
+    """Seconds a dead letter is kept (`x-message-ttl`)."""
+
+
+UNBOUNDED = QueueBounds()
 
 
 class BusSettings(BaseSettings):
     """The broker and the contract's names: what every party on the bus reads."""
 
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+    # "null" unsets a setting whose default is none (as settings_env writes one).
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", env_parse_none_str="null")
 
     rabbitmq_url: str = Field(default=DEFAULT_RABBITMQ_URL)
     reconnect_interval: float = Field(
@@ -85,6 +126,14 @@ class BusSettings(BaseSettings):
     cancel_exchange: str = NAMES.cancel_exchange
     dead_letter_queue: str = NAMES.dead_letter_queue
     models_queue: str = NAMES.models_queue
+
+    @field_validator("rabbitmq_url")
+    @classmethod
+    def _usable_url(cls, url: str) -> str:
+        problem = rabbitmq_url_problem(url)
+        if problem:
+            raise PydanticCustomError("rabbitmq_url", problem)
+        return url
 
     @property
     def names(self) -> ContractNames:
@@ -97,7 +146,48 @@ class BusSettings(BaseSettings):
         )
 
 
-class Settings(BusSettings):
+def rabbitmq_url_problem(url: str) -> str | None:
+    """What makes `RABBITMQ_URL` unusable, or None. It holds one URL, or several
+    comma-separated addresses of a cluster's nodes: the first a whole URL, each other one a
+    URL or only `host[:port]`. The value is not quoted back: it may hold a password."""
+    entries = [entry.strip() for entry in url.split(",")]
+    for number, entry in enumerate(entries, start=1):
+        where = f"address {number} " if len(entries) > 1 else ""
+        if not entry:
+            return f"{where}is empty"
+        host_and_port = number > 1 and "://" not in entry
+        try:
+            parsed = URL(f"amqp://{entry}" if host_and_port else entry)
+        except ValueError:
+            return f"{where}has a port that is not a number from 0 to 65535"
+        if host_and_port and (parsed.user is not None or parsed.path not in ("", "/")):
+            return f"{where}must be a whole URL or only host[:port]"
+        if parsed.scheme not in ("amqp", "amqps") or "://" not in str(parsed):
+            return f"{where}must start with amqp:// or amqps://, like {DEFAULT_RABBITMQ_URL}"
+        if not parsed.host:
+            return f"{where}has no host: amqp://[USER:PASSWORD@]HOST[:PORT]/[VHOST]"
+    return None
+
+
+def settings_problems(error: ValidationError) -> str:
+    """A failed settings validation in one line, each problem under its variable's name."""
+    return "; ".join(
+        f"{'.'.join(str(part) for part in problem['loc']).upper()}: {problem['msg']}"
+        for problem in error.errors()
+    )
+
+
+class RequestLimitSettings(BaseModel):
+    """The limits on a request's size, which a requester that builds requests (the gateway's
+    sessions) checks before it sends, under the same names as the worker that enforces them,
+    so that one environment sets both."""
+
+    max_request_bytes: int = Field(default=Limits.max_request_bytes, ge=1)
+    max_prompt_chars: int = Field(default=Limits.max_prompt_chars, ge=1)
+    max_messages: int = Field(default=Limits.max_messages, ge=1)
+
+
+class Settings(BusSettings, RequestLimitSettings):
     """The worker's settings."""
 
     ollama_host: str = Field(default="http://localhost:11434")
@@ -145,11 +235,28 @@ class Settings(BusSettings):
     flush_window: float = Field(default=Chunking.flush_window, ge=0)
     max_chunk_chars: int = Field(default=Chunking.max_chars, ge=1)
 
-    max_request_bytes: int = Field(default=Limits.max_request_bytes, ge=1)
-    max_prompt_chars: int = Field(default=Limits.max_prompt_chars, ge=1)
-    max_messages: int = Field(default=Limits.max_messages, ge=1)
     max_num_predict: int = Field(default=Limits.max_num_predict, ge=1)
+    max_model_chars: int = Field(default=Limits.max_model_chars, ge=1)
     allowed_models: list[str] = Field(default_factory=list)
+
+    max_queued_requests: int | None = Field(
+        default=QueueBounds.max_queued_requests,
+        ge=0,
+        description="Requests the request queue may hold; a full queue refuses publishes.",
+    )
+    max_queued_bytes: int | None = Field(
+        default=QueueBounds.max_queued_bytes,
+        ge=0,
+        description="Bytes of requests the request queue may hold.",
+    )
+    dlq_max_length: int | None = Field(
+        default=QueueBounds.dlq_max_length,
+        ge=0,
+        description="Dead letters kept; the oldest is dropped past it.",
+    )
+    dlq_max_age: float | None = Field(
+        default=QueueBounds.dlq_max_age, gt=0, description="Seconds a dead letter is kept."
+    )
 
     http_host: str = Field(
         default="127.0.0.1",
@@ -197,11 +304,21 @@ class Settings(BusSettings):
         return Chunking(flush_window=self.flush_window, max_chars=self.max_chunk_chars)
 
     @property
+    def queue_bounds(self) -> QueueBounds:
+        return QueueBounds(
+            max_queued_requests=self.max_queued_requests,
+            max_queued_bytes=self.max_queued_bytes,
+            dlq_max_length=self.dlq_max_length,
+            dlq_max_age=self.dlq_max_age,
+        )
+
+    @property
     def limits(self) -> Limits:
         return Limits(
             max_request_bytes=self.max_request_bytes,
             max_prompt_chars=self.max_prompt_chars,
             max_messages=self.max_messages,
             max_num_predict=self.max_num_predict,
+            max_model_chars=self.max_model_chars,
             allowed_models=tuple(self.allowed_models),
         )

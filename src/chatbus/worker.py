@@ -21,7 +21,13 @@ from chatbus.contract import CancelRequest, ChatRequest
 from chatbus.errors import ChatError, DeadlineExceededError, InternalError
 from chatbus.generation import Generation, cancelled
 from chatbus.instruments import NO_INSTRUMENTS, Instruments, RequestLog
-from chatbus.intake import RecentCancels, delivery_attempt, parse_request, request_deadline
+from chatbus.intake import (
+    RecentCancels,
+    delivery_attempt,
+    parse_request,
+    request_deadline,
+    request_tenant,
+)
 from chatbus.replies import ReplyExchanges, ReplyPublisher, RequesterGone
 from chatbus.settings import Settings
 
@@ -67,6 +73,10 @@ class ChatWorker:
         correlation_id = raw.correlation_id or raw.message_id
         attempt = delivery_attempt(raw)
         log = RequestLog(correlation_id, attempt)
+        tenant = request_tenant(raw)
+        if tenant is not None:
+            log["tenant"] = tenant
+        self._instruments.request_taken(tenant)
         if not correlation_id:
             logger.warning(
                 "request without correlation_id or message_id: dead-lettered",
