@@ -210,14 +210,13 @@ class ChatClient:
 
     async def close(self) -> None:
         """Cancel the requests still in flight and close the connection."""
+        self._closing = True
         if self._connection.connected.is_set():
+            for correlation_id in list(self._pending):
+                await self._publish_cancel(correlation_id)
             if self._background:
                 # Cancelled requests whose end the worker has yet to confirm.
                 await asyncio.wait(self._background, timeout=CANCEL_GRACE)
-            self._closing = True
-            for correlation_id in list(self._pending):
-                await self._publish_cancel(correlation_id)
-        self._closing = True
         for task in self._background:
             task.cancel()
         await self._connection.close()
@@ -469,6 +468,8 @@ class ChatClient:
                 await self._publish_cancel(correlation_id)
             if cancel or waits_for_the_end:
                 await self._until_ended(call)
+                if self._closing:
+                    return  # the reply queue goes with the connection
             await self._replies.unbind(self._replies_exchange, routing_key=correlation_id)
         except (aio_pika.exceptions.AMQPError, ConnectionError, ChannelInvalidStateError) as error:
             logger.warning("could not release request %s: %r", correlation_id, error)
