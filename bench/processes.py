@@ -10,7 +10,6 @@ import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 from urllib.parse import urlsplit
 
@@ -54,12 +53,7 @@ class FakeOllamaProcess:
         assert self._process is not None
         return self._process.pid
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         assert self._process is not None
         self._process.send_signal(signal.SIGTERM)
         await self._process.wait()
@@ -171,12 +165,7 @@ class PeakRss:
         self._sampler = asyncio.create_task(self._sample())
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         assert self._sampler is not None
         self._sampler.cancel()
         await asyncio.wait([self._sampler])

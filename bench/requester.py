@@ -6,7 +6,6 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any, Self
 
 import aio_pika
@@ -59,12 +58,7 @@ class Requester:
         await self._queue.consume(self._deliver, no_ack=True)
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self._channel.close()
 
     async def prepare(self, count: int) -> list[Stream]:

@@ -24,7 +24,6 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any, Self
 
 import aio_pika
@@ -228,12 +227,7 @@ class DurableRequester:
         await self._queue.consume(self._on_reply)
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         try:
             async with asyncio.timeout(SEND_TIMEOUT):
                 await self._channel.queue_delete(self._reply_queue_name)

@@ -31,7 +31,6 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 
 RABBITMQ_USER = "rabbitmq"
@@ -200,12 +199,7 @@ class RabbitCluster:
             raise
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.remove()
 
     async def start(self) -> None:
