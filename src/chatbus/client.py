@@ -455,7 +455,7 @@ class ChatClient:
         the worker to end the request it was sent a cancel for (`waits_for_the_end`)."""
         correlation_id = call.correlation_id
         try:
-            if self._closing:
+            if self._closing and not waits_for_the_end:
                 return  # close() cancels it, and the reply queue goes with the connection
             await self._channel.ready()  # after a lost connection: until it is back
             if cancel:
