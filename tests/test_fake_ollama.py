@@ -608,34 +608,40 @@ async def test_raw_pipelined_requests_and_chunked_body(fake: FakeOllama) -> None
     assert data.endswith(b"Ollama is running")
 
 
-async def test_module_entry_point_with_loads() -> None:
+@contextlib.asynccontextmanager
+async def fake_process(*arguments: str) -> AsyncIterator[tuple[str, asyncio.StreamReader]]:
+    """`python -m chatbus.testing.fake_ollama ARGUMENTS`: its URL, then the rest of its
+    output. Leaving the block stops it with SIGTERM, and expects it to exit 0."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "chatbus.testing.fake_ollama",
-        "--port=0",
-        "--model=m1",
-        "--model=m2",
-        "--load-time=0.05",
-        "--max-loaded-models=1",
+        *arguments,
         stdout=asyncio.subprocess.PIPE,
     )
     try:
         assert process.stdout is not None
         url = (await asyncio.wait_for(process.stdout.readline(), 10.0)).decode().strip()
+        yield url, process.stdout
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 5.0) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_module_entry_point_with_loads() -> None:
+    async with fake_process(
+        "--port=0", "--model=m1", "--model=m2", "--load-time=0.05", "--max-loaded-models=1"
+    ) as (url, output):
         client = ollama.AsyncClient(host=url, timeout=httpx.Timeout(5.0))
         first = await client.chat("m1", MESSAGES)
         for model in ("m2", "m1"):
             await client.chat(model, MESSAGES)
         assert [m.model for m in (await client.ps()).models] == ["m1:latest"]
         await close_client(client)
-        process.send_signal(signal.SIGTERM)
-        stats = json.loads(await asyncio.wait_for(process.stdout.readline(), 5.0))
-        assert await asyncio.wait_for(process.wait(), 5.0) == 0
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+    stats = json.loads(await asyncio.wait_for(output.readline(), 5.0))
     assert first.load_duration is not None
     assert first.load_duration >= 50_000_000
     assert (stats["model_loads"], stats["model_unloads"]) == (3, 2)
@@ -643,31 +649,12 @@ async def test_module_entry_point_with_loads() -> None:
 
 
 async def test_module_entry_point() -> None:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "chatbus.testing.fake_ollama",
-        "--port",
-        "0",
-        "--tokens",
-        "3",
-        "--model",
-        "m1",
-        "--model",
-        "m2",
-        stdout=asyncio.subprocess.PIPE,
-    )
-    try:
-        assert process.stdout is not None
-        url = (await asyncio.wait_for(process.stdout.readline(), 10.0)).decode().strip()
+    async with fake_process("--port", "0", "--tokens", "3", "--model", "m1", "--model", "m2") as (
+        url,
+        _,
+    ):
         assert url.startswith("http://127.0.0.1:")
         client = ollama.AsyncClient(host=url, timeout=httpx.Timeout(5.0))
         response = await client.chat("m2", MESSAGES)
         await close_client(client)
         assert response.eval_count == 3
-        process.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(process.wait(), 5.0) == 0
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
