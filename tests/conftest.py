@@ -116,6 +116,9 @@ async def make_settings(
             "total_timeout": 20.0,
             "retry_budget": 1.0,
             "retry_initial_backoff": 0.05,
+            # A circuit opened by one test's failing model closes within the next one's
+            # retry budget.
+            "ollama_cooldown": 0.2,
             "flush_window": 0.0,
             "graceful_timeout": 5.0,
             "reconnect_interval": 0.5,

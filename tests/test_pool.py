@@ -214,9 +214,9 @@ async def test_a_404_on_one_server_is_answered_by_another(
 
 async def test_no_server_has_the_model(two: tuple[FakeOllama, FakeOllama]) -> None:
     # No background refresh: what a request finds, it finds by asking the servers.
-    options = PoolOptions(refresh_interval=60, fresh_enough=0)
+    options = PoolOptions(refresh_interval=60)
     async with running_pool(*two, options=options) as pool:
-        with pytest.raises(ModelNotInPool, match='model "nope:latest" not found'):
+        with pytest.raises(ModelNotInPool, match='model "nope" not found, try pulling it first'):
             await ask(pool, "nope")
         two[1].models["nope"] = Behaviour()  # pulled meanwhile: found at the next request
         assert await ask(pool, "nope") == sid(two[1])

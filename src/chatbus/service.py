@@ -13,6 +13,7 @@ import sys
 import uuid
 from typing import Any
 
+import ollama
 from faststream import AckPolicy
 from faststream.asgi import AsgiFastStream, AsgiResponse, AsyncAPIRoute
 from faststream.asgi.types import Receive, Scope, Send
@@ -29,6 +30,7 @@ from chatbus.catalog import list_models
 from chatbus.contract import CancelRequest, ErrorReply, ModelsReply
 from chatbus.health import Readiness, liveness_endpoint, readiness_endpoint
 from chatbus.observability import (
+    PoolCollector,
     ServiceInstruments,
     configure_logging,
     metrics_registry,
@@ -36,6 +38,7 @@ from chatbus.observability import (
     prometheus_middleware,
     telemetry_middleware,
 )
+from chatbus.pool import OllamaPool, ServerSpec
 from chatbus.settings import Settings, settings_problems
 from chatbus.upstream import create_ollama_client
 from chatbus.worker import ChatWorker
@@ -131,17 +134,22 @@ def create_app(settings: Settings) -> WorkerApp:
         specification_url="amqp://localhost:5672/",
     )
     names = settings.names
-    # A connection for each generation the worker runs at once, and one for listing models.
-    client = create_ollama_client(settings.ollama_host, settings.timeouts, settings.prefetch + 1)
+
+    def client_for(server: ServerSpec) -> ollama.AsyncClient:
+        # A connection for each call the pool runs there at once, and one for its checks.
+        return create_ollama_client(server.base_url, settings.timeouts, server.parallel + 1)
+
+    pool = OllamaPool(settings.ollama_servers, client_for, settings.pool)
+    registry.register(PoolCollector(pool))
     instruments = ServiceInstruments(
         registry,
         tracer_provider.get_tracer("chatbus") if tracer_provider else trace.NoOpTracer(),
     )
-    worker = ChatWorker(broker, client, settings, instruments)
+    worker = ChatWorker(broker, pool, settings, instruments)
     instruments.watch_in_flight(lambda: worker.in_flight)
     readiness = Readiness(
         broker,
-        settings.ollama_host,
+        pool,
         timeout=settings.ready_timeout,
         ollama_cache_seconds=settings.ready_ollama_cache_seconds,
     )
@@ -173,7 +181,7 @@ def create_app(settings: Settings) -> WorkerApp:
         topology.models_queue(names), decoder=_keep_body_raw, title=names.models_queue
     )
     async def handle_models_request(message: RabbitMessage) -> ModelsReply | ErrorReply:
-        return await list_models(client, message.correlation_id)
+        return await list_models(pool, message.correlation_id)
 
     app = WorkerApp(
         broker,
@@ -198,11 +206,11 @@ def create_app(settings: Settings) -> WorkerApp:
         await broker.connect()
         await broker.declare_queue(topology.dead_letter_queue(names, settings.queue_bounds))
         await worker.declare()
+        await pool.start()
 
     @app.after_shutdown
-    async def close_ollama_client() -> None:
-        await client.close()  # type: ignore[no-untyped-call]
-        await readiness.close()
+    async def close_ollama_pool() -> None:
+        await pool.close()
         if tracer_provider:
             # Sends the spans still batched.
             tracer_provider.shutdown()

@@ -10,12 +10,15 @@ A lease holds one of the server's `parallel` slots until the block ends, so a se
 runs more of the pool's calls than it is set to; when every server that could take the
 request is busy, `lease` waits for a slot (for `timeout` seconds at most) rather than
 overload one. What the call told about the server is recorded: `lease.answered()`,
-`lease.failed(error)`, or the exception leaving the block. Failures feed the server's circuit
-breaker; a 404 corrects what the pool believes the server has.
+`lease.failed(error)`, or the exception leaving the block. The server's own failures
+(unreachable, busy, timed out) feed its circuit breaker; a model's failures there (500, an
+error line) make it the last choice for that model for a cooldown, and leave its other
+models alone; a 404 corrects what the pool believes the server has.
 
 In the background each server is asked for its version, models and loaded models every
 `refresh_interval` seconds, at the end of an open circuit's cooldown, after a call that made
-it load a model, and after a 404.
+it load a model, after a 404, and when a request names a model no server lists (it may have
+been pulled a moment ago).
 """
 
 import asyncio
@@ -45,9 +48,6 @@ class PoolOptions:
     """Seconds between checks of a server's health, models and loaded models."""
     check_timeout: float = 2.0
     """Seconds one check may take."""
-    fresh_enough: float = 1.0
-    """Seconds a server's inventory is fresh enough not to be asked for again when a request
-    names a model no server lists, or a call made it load one."""
 
 
 class PoolError(Exception):
@@ -61,6 +61,11 @@ class ModelNotInPool(PoolError):
 class NoServerAvailable(PoolError):
     """Every server that has the model is down, or was tried by this request already."""
 
+    def __init__(self, message: str, down: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.down = down
+        """The servers that may have the model and were not tried: their circuit is open."""
+
 
 class NoFreeSlot(PoolError):
     """Every server that could take the request stayed busy for the whole timeout."""
@@ -72,19 +77,16 @@ class ServerStatus:
     capacity: int
     in_flight: int
     circuit: CircuitState
+    healthy: bool
+    """It answered its last check, and its circuit is not open."""
     problem: str | None
-    """Why the server is not healthy; None when its circuit is closed."""
+    """What is wrong with it; None when nothing is."""
     models: tuple[str, ...] | None
     """What it has; None until it has answered."""
     loaded: tuple[str, ...]
     calls: dict[CallOutcome, int]
     loads_caused: int
     """Calls sent to it for a model it did not have loaded."""
-
-    @property
-    def healthy(self) -> bool:
-        """Its circuit is not open: it answers, or is about to be tried again."""
-        return self.circuit is not CircuitState.OPEN
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,7 @@ class _Leasing:
 
 @dataclass
 class _Waiter:
+    requested: str
     model: str
     exclude: frozenset[str]
     lease: "asyncio.Future[Lease]"
@@ -216,7 +219,7 @@ class OllamaPool:
         not on one of `exclude` (ids). Waits at most `timeout` seconds for a free slot.
 
         Raises `ModelNotInPool`, `NoServerAvailable` or `NoFreeSlot`."""
-        return _Leasing(self, canonical_model(model), frozenset(exclude), timeout)
+        return _Leasing(self, model, frozenset(exclude), timeout)
 
     def statuses(self) -> list[ServerStatus]:
         return [
@@ -225,6 +228,7 @@ class OllamaPool:
                 capacity=backend.spec.parallel,
                 in_flight=backend.in_flight,
                 circuit=backend.breaker.state,
+                healthy=backend.healthy,
                 problem=backend.problem(),
                 models=None if backend.listing is None else tuple(sorted(backend.listing)),
                 loaded=tuple(sorted(backend.loaded)),
@@ -238,7 +242,7 @@ class OllamaPool:
         """Every model of every server that answers, with where it is and is loaded.
 
         Raises `NoServerAvailable` when no server has ever answered."""
-        await self._fresh_inventories()
+        await self.refresh(0)
         listed = [backend for backend in self._backends if backend.listing is not None]
         if not listed:
             raise NoServerAvailable(self._unavailable_message(None, frozenset()))
@@ -259,15 +263,18 @@ class OllamaPool:
 
     # ------------------------------------------------------------------ leasing
 
-    async def _acquire(self, model: str, exclude: frozenset[str], timeout: float | None) -> Lease:
-        if not any(backend.candidate().may_have(model) for backend in self._backends):
-            await self._fresh_inventories()
+    async def _acquire(
+        self, requested: str, exclude: frozenset[str], timeout: float | None
+    ) -> Lease:
+        model = canonical_model(requested)
+        if not any(backend.may_have(model) for backend in self._backends):
+            await self.refresh(0)
         verdict = self._choose(model, exclude)
         if isinstance(verdict, Backend):
             return self._take(verdict, model)
         if verdict is not Verdict.WAIT:
-            raise self._no_server(verdict, model, exclude)
-        waiter = _Waiter(model, exclude, asyncio.get_running_loop().create_future())
+            raise self._no_server(verdict, requested, exclude)
+        waiter = _Waiter(requested, model, exclude, asyncio.get_running_loop().create_future())
         self._waiters.append(waiter)
         try:
             async with asyncio.timeout(timeout):
@@ -287,7 +294,9 @@ class OllamaPool:
             raise
 
     def _choose(self, model: str, exclude: frozenset[str]) -> Backend | Verdict:
-        verdict = choose([backend.candidate() for backend in self._backends], model, exclude)
+        now = asyncio.get_running_loop().time()
+        candidates = [backend.candidate(model, now) for backend in self._backends]
+        verdict = choose(candidates, model, exclude)
         return self._by_id[verdict] if isinstance(verdict, str) else verdict
 
     def _take(self, backend: Backend, model: str) -> Lease:
@@ -320,20 +329,26 @@ class OllamaPool:
             if isinstance(verdict, Backend):
                 waiter.lease.set_result(self._take(verdict, waiter.model))
             else:
-                waiter.lease.set_exception(self._no_server(verdict, waiter.model, waiter.exclude))
+                error = self._no_server(verdict, waiter.requested, waiter.exclude)
+                waiter.lease.set_exception(error)
 
-    def _no_server(self, verdict: Verdict, model: str, exclude: frozenset[str]) -> PoolError:
+    def _no_server(self, verdict: Verdict, requested: str, exclude: frozenset[str]) -> PoolError:
         if verdict is Verdict.NOT_FOUND:
-            return ModelNotInPool(
-                f'model "{model}" not found on any Ollama server, try pulling it first'
-            )
-        return NoServerAvailable(self._unavailable_message(model, exclude))
+            # Worded as Ollama words its 404, which requesters may know.
+            return ModelNotInPool(f'model "{requested}" not found, try pulling it first')
+        model = canonical_model(requested)
+        down = tuple(
+            backend.id
+            for backend in self._backends
+            if backend.may_have(model) and backend.id not in exclude
+        )
+        return NoServerAvailable(self._unavailable_message(model, exclude), down)
 
     def _unavailable_message(self, model: str | None, exclude: frozenset[str]) -> str:
         reasons = [
             f"{backend.id}: {'tried' if backend.id in exclude else backend.problem() or 'busy'}"
             for backend in self._backends
-            if model is None or backend.candidate().may_have(model)
+            if model is None or backend.may_have(model)
         ]
         subject = "no Ollama server" if model is None else f"no Ollama server with {model}"
         return f"{subject} is available ({'; '.join(reasons)})"
@@ -343,6 +358,7 @@ class OllamaPool:
     def _answered(self, lease: Lease) -> None:
         backend = self._by_id[lease.server]
         self._record(backend, backend.breaker.succeeded)
+        backend.model_failed_at.pop(lease.model, None)
         if lease.cold:
             backend.loads_caused += 1
             backend.loaded.add(lease.model)
@@ -352,12 +368,14 @@ class OllamaPool:
     def _failed(
         self, lease: Lease, backend: Backend, outcome: CallOutcome, error: BaseException
     ) -> None:
+        now = asyncio.get_running_loop().time()
         if outcome is CallOutcome.FAILED:
             backend.last_error = backend.describe(error)
-            now = asyncio.get_running_loop().time()
             self._record(backend, lambda: backend.breaker.failed(now))
             return
         self._record(backend, backend.breaker.succeeded)  # it answered: it is up
+        if outcome is CallOutcome.MODEL_FAILED:
+            backend.model_failed_at[lease.model] = now
         if outcome is CallOutcome.MODEL_MISSING:
             if backend.listing is not None:
                 backend.listing.pop(lease.model, None)
@@ -391,38 +409,36 @@ class OllamaPool:
     # ------------------------------------------------------------------ checks
 
     async def _watch(self, backend: Backend) -> None:
-        loop = asyncio.get_running_loop()
         wanted = self._check_wanted[backend.id]
         interval = self._options.refresh_interval
-        fresh_enough = self._options.fresh_enough
         while True:
             due = backend.breaker.next_check_at(backend.last_check_at, interval)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout_at(due):
                     await wanted.wait()
-                # Asked for: not more often than an inventory stays fresh enough.
-                await asyncio.sleep(backend.last_check_at + fresh_enough - loop.time())
             wanted.clear()
             await self._check(backend)
 
     async def _check(self, backend: Backend) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         error = await backend.check()
-        now = asyncio.get_running_loop().time()
-        backend.last_check_at = now
+        now = loop.time()
+        # What the check learnt is as fresh as its start.
+        backend.last_check_at = started
         self._record(backend, lambda: backend.breaker.checked(error is None, now))
         checked, self._checked = self._checked, asyncio.Event()
         checked.set()
         self._dispatch()
 
-    async def _fresh_inventories(self) -> None:
-        """Wait until every server's inventory is fresh enough (checking the others now), or
-        the check timeout passed."""
-        fresh_enough = self._options.fresh_enough
-        since = asyncio.get_running_loop().time() - fresh_enough
+    async def refresh(self, max_age: float) -> None:
+        """Check now every server whose last check began more than `max_age` seconds ago,
+        and wait for those checks (at most the check timeout)."""
+        since = asyncio.get_running_loop().time() - max_age
         for backend in self._backends:
             if backend.last_check_at < since:
                 self._check_wanted[backend.id].set()
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self._options.check_timeout + fresh_enough):
+            async with asyncio.timeout(self._options.check_timeout):
                 while any(backend.last_check_at < since for backend in self._backends):
                     await self._checked.wait()

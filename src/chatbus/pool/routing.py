@@ -10,8 +10,9 @@ request has not tried yet:
    loading it where another model is loaded may unload that one (a server holds only a
    few), and requests alternating between models would then swap them for every request;
 4. else the request waits for a slot.
-A server that failed recently comes after the ones that did not, whatever its load, so a
-server that fails fast (503 at once looks idle) does not attract the traffic.
+A server that failed recently, or whose runner of the model did, comes after the ones that
+did not, whatever its load, so a server that fails fast (503 at once looks idle) does not
+attract the traffic.
 """
 
 from collections.abc import Collection, Sequence
