@@ -5,41 +5,17 @@ httpx's ASGI transport, as uvicorn would call it.
 """
 
 import asyncio
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from typing import Any
 
 import httpx
-import pytest
 from aio_pika.abc import AbstractRobustConnection
-from prometheus_client.parser import text_string_to_metric_families
 
-from broker import WorkerApp
 from chatbus.settings import Settings
 from chatbus.testing import Behaviour, FakeOllama, running_worker
 from chatbus.testing.fake_ollama import DEFAULT_TOKENS
-from tests.support import Requester, user
-
-
-@asynccontextmanager
-async def http(app: WorkerApp) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://worker"
-    ) as client:
-        yield client
-
-
-async def until(
-    condition: Callable[[], Awaitable[bool]], timeout: float = 15.0, what: str = ""
-) -> None:
-    """Poll `condition` until it holds; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not await condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {timeout}s: {what}")
-        await asyncio.sleep(0.05)
+from tests.support import Requester, http, samples, until, user, value
 
 
 async def readiness(client: httpx.AsyncClient) -> tuple[int, dict[str, Any]]:
@@ -191,20 +167,6 @@ async def test_readiness_fails_when_the_broker_cancels_a_consumer(
 
 async def _status_is(client: httpx.AsyncClient, status: int) -> bool:
     return (await client.get("/readyz")).status_code == status
-
-
-def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def value(
-    metrics: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
-) -> float:
-    return metrics.get((name, frozenset(labels.items())), 0.0)
 
 
 async def test_metrics_count_requests_replies_tokens_and_latencies(
