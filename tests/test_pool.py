@@ -311,3 +311,18 @@ async def test_checks_follow_the_server(two: tuple[FakeOllama, FakeOllama]) -> N
         await until(lambda: "new:latest" in (pool.statuses()[0].models or ()))
         await preload(fake, "new")
         await until(lambda: "new:latest" in pool.statuses()[0].loaded)
+
+
+async def test_a_failing_model_does_not_close_the_server_to_its_other_models(
+    two: tuple[FakeOllama, FakeOllama],
+) -> None:
+    broken, good = two
+    broken.models.update({"m": Behaviour(status=500), "other": Behaviour()})
+    async with running_pool(broken, good) as pool:
+        assert [await ask(pool) for _ in range(5)] == [sid(good)] * 5
+        assert await ask(pool, "other") == sid(broken)
+        assert status(pool, broken).circuit is CircuitState.CLOSED
+        assert status(pool, broken).calls == {
+            CallOutcome.MODEL_FAILED: 1,
+            CallOutcome.ANSWERED: 1,
+        }

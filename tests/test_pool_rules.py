@@ -2,9 +2,12 @@
 
 from collections.abc import Collection
 
+import httpx
+import ollama
 import pytest
 
-from chatbus.pool import canonical_model, parse_hosts, pool_servers
+from chatbus.pool import CallOutcome, canonical_model, parse_hosts, pool_servers
+from chatbus.pool.backend import classify
 from chatbus.pool.breaker import CircuitBreaker, CircuitState
 from chatbus.pool.routing import Candidate, Verdict, choose
 
@@ -277,3 +280,30 @@ def test_choose(
     servers: list[Candidate], exclude: tuple[str, ...], expected: str | Verdict
 ) -> None:
     assert choose(servers, "m", exclude) == expected
+
+
+# ----------------------------------------------------------------------------- call outcomes
+
+
+@pytest.mark.parametrize(
+    ("error", "outcome"),
+    [
+        (ollama.ResponseError("busy", 503), CallOutcome.FAILED),
+        (ollama.ResponseError("bad gateway", 502), CallOutcome.FAILED),
+        (ollama.ResponseError("too many", 429), CallOutcome.FAILED),
+        (ollama.ResponseError("runner terminated", 500), CallOutcome.MODEL_FAILED),
+        (ollama.ResponseError("error line", -1), CallOutcome.MODEL_FAILED),
+        (ollama.ResponseError("not found", 404), CallOutcome.MODEL_MISSING),
+        (ollama.ResponseError("no tools", 400), CallOutcome.REJECTED),
+        (httpx.ConnectError("refused"), CallOutcome.FAILED),
+        (httpx.RemoteProtocolError("dropped"), CallOutcome.FAILED),
+        (ConnectionError("refused"), CallOutcome.FAILED),
+        (TimeoutError("no first token"), CallOutcome.FAILED),
+        (ValueError("not JSON"), CallOutcome.FAILED),
+        (KeyError("a bug of ours"), None),
+    ],
+)
+def test_what_a_failed_call_says_of_the_server(
+    error: BaseException, outcome: CallOutcome | None
+) -> None:
+    assert classify(error) == outcome
