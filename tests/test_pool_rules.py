@@ -59,6 +59,7 @@ def test_ollama_host_alone_when_hosts_are_unset() -> None:
     (alone,) = pool_servers("", "http://localhost:11434", default_parallel=3)
     assert (alone.id, alone.parallel) == ("localhost:11434", 3)
     assert [s.id for s in pool_servers("a:1,b:2", "c:3", default_parallel=1)] == ["a:1", "b:2"]
+    assert [s.id for s in pool_servers("", "", default_parallel=1)] == ["127.0.0.1:11434"]
 
 
 @pytest.mark.parametrize(

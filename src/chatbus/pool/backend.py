@@ -72,6 +72,9 @@ class Backend:
         self.listing: dict[str, ollama.ListResponse.Model] | None = None
         """Its models by name (`/api/tags`); None until it has answered once."""
         self.loaded: set[str] = set()
+        self.answered_at: dict[str, float] = {}
+        """When each model last answered here: loaded then, whatever an older `/api/ps`
+        says."""
         self.loading: Counter[str] = Counter()
         """Models of the calls in flight: loaded, or being loaded for them."""
         self.model_failed_at: dict[str, float] = {}
@@ -129,9 +132,10 @@ class Backend:
             text = f"{type(error).__name__}: {error}".rstrip(": ")
         return text.replace(self.spec.base_url, self.id)
 
-    async def check(self) -> BaseException | None:
-        """Ask the server for its version, its models and what it has loaded. Returns the
-        error when it failed; what it had is kept then."""
+    async def check(self, started: float) -> BaseException | None:
+        """Ask the server for its version, its models and what it has loaded (a check that
+        began at `started`, on the event loop's clock). Returns the error when it failed;
+        what it had is kept then."""
         if self._http is None:
             self._http = httpx.AsyncClient(base_url=self.spec.base_url, timeout=self._check_timeout)
         try:
@@ -157,7 +161,9 @@ class Backend:
             return error
         self.check_problem = None
         self.listing = {canonical_model(m.model or ""): m for m in listing.models if m.model}
-        self.loaded = {canonical_model(m.model or "") for m in running.models if m.model}
+        answered_since = {model for model, at in self.answered_at.items() if at >= started}
+        running_models = {canonical_model(m.model or "") for m in running.models if m.model}
+        self.loaded = running_models | answered_since
         return None
 
     async def close(self) -> None:

@@ -359,6 +359,7 @@ class OllamaPool:
         backend = self._by_id[lease.server]
         self._record(backend, backend.breaker.succeeded)
         backend.model_failed_at.pop(lease.model, None)
+        backend.answered_at[lease.model] = asyncio.get_running_loop().time()
         if lease.cold:
             backend.loads_caused += 1
             backend.loaded.add(lease.model)
@@ -422,7 +423,7 @@ class OllamaPool:
     async def _check(self, backend: Backend) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
-        error = await backend.check()
+        error = await backend.check(started)
         now = loop.time()
         # What the check learnt is as fresh as its start.
         backend.last_check_at = started

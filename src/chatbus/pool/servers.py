@@ -44,8 +44,10 @@ def parse_hosts(hosts: str, *, default_parallel: int) -> list[ServerSpec]:
 
 
 def pool_servers(ollama_hosts: str, ollama_host: str, *, default_parallel: int) -> list[ServerSpec]:
-    """`OLLAMA_HOSTS`, or `OLLAMA_HOST` alone when it is empty."""
-    return parse_hosts(ollama_hosts or ollama_host, default_parallel=default_parallel)
+    """`OLLAMA_HOSTS`, or `OLLAMA_HOST` alone when it is empty (and when that is empty too,
+    Ollama's own default, as the `ollama` client takes it)."""
+    hosts = ollama_hosts or ollama_host or "127.0.0.1:11434"
+    return parse_hosts(hosts, default_parallel=default_parallel)
 
 
 def _server(entry: str, default_parallel: int) -> ServerSpec:
