@@ -517,6 +517,24 @@ async def test_cancel_ends_the_wait_between_retries(
     assert len(fake.requests) == 1
 
 
+async def test_cancel_while_waiting_for_a_free_server(
+    fake: FakeOllama, generations: Generations
+) -> None:
+    generation = generations.make()
+    (pool,) = generations.pools
+    async with pool.lease("llama3.2"):  # the server's one slot
+        running = asyncio.create_task(generation.run(ListSink()))
+        async with asyncio.timeout(5.0):
+            while pool.waiting != 1:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        generation.cancel()
+        async with asyncio.timeout(5.0):
+            completion = await running
+
+    assert completion.done_reason == "cancelled"
+    assert fake.requests == []
+
+
 async def test_a_sink_that_raises_stops_the_generation_and_closes_the_stream(
     fake: FakeOllama, generations: Generations
 ) -> None:

@@ -11,6 +11,7 @@ import ollama
 import pytest
 
 from chatbus.pool import (
+    Abandoned,
     CallOutcome,
     CircuitState,
     ModelNotInPool,
@@ -162,6 +163,25 @@ async def test_a_request_that_gives_up_waiting_takes_no_slot(
                 await waiting
         assert (pool.statuses()[0].in_flight, pool.waiting) == (0, 0)
         assert await ask(pool) == sid(two[0])
+
+
+async def test_a_request_that_abandons_its_wait_takes_no_slot(
+    two: tuple[FakeOllama, FakeOllama],
+) -> None:
+    abandon = asyncio.Event()
+    async with running_pool(two[0], parallel=1) as pool:
+        async with pool.lease("m"):
+
+            async def wait_for_a_slot() -> None:
+                async with pool.lease("m", timeout=30, abandon=abandon):
+                    pass
+
+            waiting = asyncio.create_task(wait_for_a_slot())
+            await until(lambda: pool.waiting == 1)
+            abandon.set()
+            with pytest.raises(Abandoned):
+                await waiting
+        assert (pool.statuses()[0].in_flight, pool.waiting) == (0, 0)
 
 
 async def test_a_dead_server_opens_its_circuit_and_closes_it_when_back(

@@ -30,7 +30,14 @@ from chatbus.errors import (
     UpstreamUnavailableError,
 )
 from chatbus.instruments import NO_INSTRUMENTS, Instruments
-from chatbus.pool import Lease, ModelNotInPool, NoFreeSlot, NoServerAvailable, OllamaPool
+from chatbus.pool import (
+    Abandoned,
+    Lease,
+    ModelNotInPool,
+    NoFreeSlot,
+    NoServerAvailable,
+    OllamaPool,
+)
 from chatbus.replies import ChunkSink, Completion
 from chatbus.settings import Chunking, Retries, Timeouts
 from chatbus.upstream import classify_upstream_error
@@ -136,6 +143,8 @@ class Generation:
         self._deadline = deadline
         self._instruments = instruments
         self._inbox: asyncio.Queue[Any] = asyncio.Queue()
+        # Set too by a cancel, for the wait for a free server, where the inbox is not read.
+        self._cancelled = asyncio.Event()
         self._started = 0.0
         self._first_token_after: float | None = None
         self.server: str | None = None
@@ -152,6 +161,7 @@ class Generation:
         return fields
 
     def cancel(self) -> None:
+        self._cancelled.set()
         self._inbox.put_nowait(_Cancel())
 
     async def run(self, sink: ChunkSink) -> Completion:
@@ -193,6 +203,8 @@ class Generation:
                 failure = failure or UpstreamUnavailableError(str(unavailable), retryable=True)
             except ModelNotInPool as missing:
                 raise ModelNotFoundError(str(missing), retryable=False) from None
+            except Abandoned:
+                return cancelled(self._model)
             except NoFreeSlot as busy:
                 if loop.time() >= stop_at:
                     raise stop_failure from None
@@ -217,7 +229,10 @@ class Generation:
         """One call, on a server of the pool that has not been tried this round."""
         wait_for_slot = min(self._timeouts.first_token, stop_at - asyncio.get_running_loop().time())
         async with self._pool.lease(
-            self._model, exclude=tried, timeout=max(0.0, wait_for_slot)
+            self._model,
+            exclude=tried,
+            timeout=max(0.0, wait_for_slot),
+            abandon=self._cancelled,
         ) as lease:
             if self.server is not None:  # a call before this one failed
                 self._instruments.retry()

@@ -11,6 +11,7 @@ its model, load and health, and fails over to the next before the first token.
 from chatbus.pool.backend import CallOutcome
 from chatbus.pool.breaker import CircuitState
 from chatbus.pool.pool import (
+    Abandoned,
     Lease,
     ModelNotInPool,
     NoFreeSlot,
@@ -24,6 +25,7 @@ from chatbus.pool.pool import (
 from chatbus.pool.servers import ServerSpec, canonical_model, parse_hosts, pool_servers
 
 __all__ = [
+    "Abandoned",
     "CallOutcome",
     "CircuitState",
     "Lease",

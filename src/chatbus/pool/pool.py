@@ -27,6 +27,7 @@ import logging
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
 
 import ollama
 
@@ -69,6 +70,10 @@ class NoServerAvailable(PoolError):
 
 class NoFreeSlot(PoolError):
     """Every server that could take the request stayed busy for the whole timeout."""
+
+
+class Abandoned(PoolError):
+    """The caller gave up waiting for a slot (its `abandon` event was set)."""
 
 
 @dataclass(frozen=True)
@@ -130,16 +135,24 @@ class Lease:
 
 class _Leasing:
     def __init__(
-        self, pool: "OllamaPool", model: str, exclude: frozenset[str], timeout: float | None
+        self,
+        pool: "OllamaPool",
+        model: str,
+        exclude: frozenset[str],
+        timeout: float | None,
+        abandon: asyncio.Event | None,
     ) -> None:
         self._pool = pool
         self._model = model
         self._exclude = exclude
         self._timeout = timeout
+        self._abandon = abandon
         self._lease: Lease | None = None
 
     async def __aenter__(self) -> Lease:
-        self._lease = await self._pool._acquire(self._model, self._exclude, self._timeout)
+        self._lease = await self._pool._acquire(
+            self._model, self._exclude, self._timeout, self._abandon
+        )
         return self._lease
 
     async def __aexit__(
@@ -213,13 +226,19 @@ class OllamaPool:
             await backend.close()
 
     def lease(
-        self, model: str, *, exclude: Collection[str] = (), timeout: float | None = None
+        self,
+        model: str,
+        *,
+        exclude: Collection[str] = (),
+        timeout: float | None = None,
+        abandon: asyncio.Event | None = None,
     ) -> contextlib.AbstractAsyncContextManager[Lease]:
         """A slot for one call for `model` on the best server for it (`routing.choose`),
-        not on one of `exclude` (ids). Waits at most `timeout` seconds for a free slot.
+        not on one of `exclude` (ids). Waits at most `timeout` seconds for a free slot, and
+        no longer once `abandon` is set.
 
-        Raises `ModelNotInPool`, `NoServerAvailable` or `NoFreeSlot`."""
-        return _Leasing(self, model, frozenset(exclude), timeout)
+        Raises `ModelNotInPool`, `NoServerAvailable`, `NoFreeSlot` or `Abandoned`."""
+        return _Leasing(self, model, frozenset(exclude), timeout, abandon)
 
     def statuses(self) -> list[ServerStatus]:
         return [
@@ -264,7 +283,11 @@ class OllamaPool:
     # ------------------------------------------------------------------ leasing
 
     async def _acquire(
-        self, requested: str, exclude: frozenset[str], timeout: float | None
+        self,
+        requested: str,
+        exclude: frozenset[str],
+        timeout: float | None,
+        abandon: asyncio.Event | None,
     ) -> Lease:
         model = canonical_model(requested)
         if not any(backend.may_have(model) for backend in self._backends):
@@ -278,7 +301,7 @@ class OllamaPool:
         self._waiters.append(waiter)
         try:
             async with asyncio.timeout(timeout):
-                return await waiter.lease
+                return await _unless_set(waiter.lease, abandon)
         except BaseException as error:
             with contextlib.suppress(ValueError):
                 self._waiters.remove(waiter)
@@ -443,3 +466,18 @@ class OllamaPool:
             async with asyncio.timeout(self._options.check_timeout):
                 while any(backend.last_check_at < since for backend in self._backends):
                     await self._checked.wait()
+
+
+async def _unless_set(lease: "asyncio.Future[Lease]", abandon: asyncio.Event | None) -> Lease:
+    """The lease, once handed; `Abandoned` once `abandon` is set first."""
+    if abandon is None:
+        return await lease
+    given_up: asyncio.Future[Any] = asyncio.ensure_future(abandon.wait())
+    waits: list[asyncio.Future[Any]] = [lease, given_up]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        given_up.cancel()
+    if abandon.is_set():
+        raise Abandoned("gave up waiting for a free Ollama server")
+    return lease.result()
