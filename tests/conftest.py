@@ -20,7 +20,7 @@ import pytest
 from redis import Redis
 
 from chatbus.settings import Settings
-from chatbus.testing import FakeOllama, running_worker
+from chatbus.testing import Behaviour, FakeOllama, running_worker
 from tests.gateway_support import Gateway, running_gateway
 from tests.support import Requester
 
@@ -84,6 +84,16 @@ def rabbitmq_url() -> Iterator[str]:
 async def fake_ollama() -> AsyncIterator[FakeOllama]:
     async with FakeOllama() as fake:
         yield fake
+
+
+@pytest.fixture
+async def two_ollamas() -> AsyncIterator[tuple[FakeOllama, FakeOllama]]:
+    """Two fake Ollama servers of the test's own, each with the model "m"."""
+    async with (
+        FakeOllama(models={"m": Behaviour()}) as first,
+        FakeOllama(models={"m": Behaviour()}) as second,
+    ):
+        yield first, second
 
 
 @pytest.fixture(scope="session")

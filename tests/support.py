@@ -18,6 +18,7 @@ from typing import Any, Self
 
 import aio_pika
 import httpx
+import ollama
 import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from prometheus_client.parser import text_string_to_metric_families
@@ -208,6 +209,12 @@ def model(fake: FakeOllama, **behaviour: Any) -> str:
     name = f"model-{uuid.uuid4().hex[:8]}"
     fake.models[name] = Behaviour(**behaviour)
     return name
+
+
+async def preload(fake: FakeOllama, model: str = "m") -> None:
+    """Load the model, as Ollama's docs do it: a chat without messages."""
+    async with ollama.AsyncClient(host=fake.url) as client:
+        await client.chat(model, [])
 
 
 def requests_for(fake: FakeOllama, model_name: str) -> int:

@@ -10,14 +10,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-import ollama
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 
 from chatbus.client import ChatClient
 from chatbus.settings import Settings
 from chatbus.testing import Behaviour, FakeOllama, running_worker
-from tests.support import Replies, Requester, http, samples, until, user, value
+from tests.support import Replies, Requester, http, preload, samples, until, user, value
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -74,20 +73,6 @@ def sid(fake: FakeOllama) -> str:
     return f"127.0.0.1:{fake.port}"
 
 
-async def preload(fake: FakeOllama, model: str = "m") -> None:
-    async with ollama.AsyncClient(host=fake.url) as client:
-        await client.chat(model, [])
-
-
-@pytest.fixture
-async def two() -> AsyncIterator[tuple[FakeOllama, FakeOllama]]:
-    async with (
-        FakeOllama(models={"m": Behaviour()}) as first,
-        FakeOllama(models={"m": Behaviour()}) as second,
-    ):
-        yield first, second
-
-
 async def test_a_request_goes_to_the_server_that_has_its_model(
     make_settings: MakeSettings, amqp: AbstractRobustConnection
 ) -> None:
@@ -106,9 +91,9 @@ async def test_a_request_goes_to_the_server_that_has_its_model(
 async def test_the_server_with_the_model_loaded_is_preferred(
     make_settings: MakeSettings,
     amqp: AbstractRobustConnection,
-    two: tuple[FakeOllama, FakeOllama],
+    two_ollamas: tuple[FakeOllama, FakeOllama],
 ) -> None:
-    cold, warm = two
+    cold, warm = two_ollamas
     await preload(warm)
     async with pooled_worker(make_settings, amqp, cold, warm) as pooled:
         answers = [await pooled.ask() for _ in range(4)]
@@ -120,30 +105,30 @@ async def test_the_server_with_the_model_loaded_is_preferred(
 async def test_load_is_spread_and_no_server_gets_more_than_its_parallel(
     make_settings: MakeSettings,
     amqp: AbstractRobustConnection,
-    two: tuple[FakeOllama, FakeOllama],
+    two_ollamas: tuple[FakeOllama, FakeOllama],
 ) -> None:
-    for fake in two:
+    for fake in two_ollamas:
         fake.models["m"] = Behaviour(tokens=["x"] * 4, token_delay=0.05)
         await preload(fake)
     # A prefetch over the capacity (2 servers, 2 each): the rest wait in the worker for a slot.
-    async with pooled_worker(make_settings, amqp, *two, prefetch=12) as pooled:
+    async with pooled_worker(make_settings, amqp, *two_ollamas, prefetch=12) as pooled:
         answers = await asyncio.gather(*(pooled.ask() for _ in range(12)))
     assert [answer["type"] for answer in answers] == ["done"] * 12
-    assert {answer["server"] for answer in answers} == {sid(two[0]), sid(two[1])}
-    assert [fake.max_active_streams for fake in two] == [2, 2]
+    assert {answer["server"] for answer in answers} == {sid(two_ollamas[0]), sid(two_ollamas[1])}
+    assert [fake.max_active_streams for fake in two_ollamas] == [2, 2]
 
 
 async def test_a_server_killed_mid_run(
     make_settings: MakeSettings,
     amqp: AbstractRobustConnection,
-    two: tuple[FakeOllama, FakeOllama],
+    two_ollamas: tuple[FakeOllama, FakeOllama],
 ) -> None:
-    doomed, survivor = two
+    doomed, survivor = two_ollamas
     port = doomed.port
-    for fake in two:
+    for fake in two_ollamas:
         fake.models["m"] = Behaviour(tokens=["x"] * 40, token_delay=0.05)
         await preload(fake)
-    async with pooled_worker(make_settings, amqp, *two, ollama_cooldown=0.5) as pooled:
+    async with pooled_worker(make_settings, amqp, *two_ollamas, ollama_cooldown=0.5) as pooled:
         running = [await pooled.requester.send(user(model="m")) for _ in range(4)]
         await doomed.wait_for(lambda: doomed.active_streams == 2)
         await survivor.wait_for(lambda: survivor.active_streams == 2)
@@ -182,9 +167,9 @@ async def test_a_server_killed_mid_run(
 async def test_a_server_answering_503_at_once_does_not_take_the_traffic(
     make_settings: MakeSettings,
     amqp: AbstractRobustConnection,
-    two: tuple[FakeOllama, FakeOllama],
+    two_ollamas: tuple[FakeOllama, FakeOllama],
 ) -> None:
-    busy, good = two
+    busy, good = two_ollamas
     busy.models["m"] = Behaviour(status=503)
     good.models["m"] = Behaviour(tokens=["x"] * 3, token_delay=0.02)
     # No cooldown ends within the test: what reaches the busy server is what the breaker let.
@@ -204,9 +189,9 @@ async def test_a_server_answering_503_at_once_does_not_take_the_traffic(
 async def test_a_404_on_one_server_is_answered_by_another(
     make_settings: MakeSettings,
     amqp: AbstractRobustConnection,
-    two: tuple[FakeOllama, FakeOllama],
+    two_ollamas: tuple[FakeOllama, FakeOllama],
 ) -> None:
-    lying, good = two
+    lying, good = two_ollamas
     lying.models["m"] = Behaviour(status=404)  # listed, yet not found
     async with pooled_worker(make_settings, amqp, lying, good) as pooled:
         # Both idle, neither loaded: the first in the list is asked first.
@@ -218,35 +203,35 @@ async def test_a_404_on_one_server_is_answered_by_another(
 async def test_a_model_no_server_has_is_model_not_found(
     make_settings: MakeSettings,
     amqp: AbstractRobustConnection,
-    two: tuple[FakeOllama, FakeOllama],
+    two_ollamas: tuple[FakeOllama, FakeOllama],
 ) -> None:
-    async with pooled_worker(make_settings, amqp, *two) as pooled:
+    async with pooled_worker(make_settings, amqp, *two_ollamas) as pooled:
         error = await pooled.ask("nowhere")
     assert (error["type"], error["code"], error["retryable"]) == ("error", "model_not_found", False)
     assert error["message"] == 'model "nowhere" not found, try pulling it first'
-    assert [fake.requests for fake in two] == [[], []]  # their /api/tags said so
+    assert [fake.requests for fake in two_ollamas] == [[], []]  # their /api/tags said so
 
 
 async def test_a_model_every_server_lists_but_none_has_is_model_not_found(
     make_settings: MakeSettings,
     amqp: AbstractRobustConnection,
-    two: tuple[FakeOllama, FakeOllama],
+    two_ollamas: tuple[FakeOllama, FakeOllama],
 ) -> None:
-    for fake in two:
+    for fake in two_ollamas:
         fake.models["m"] = Behaviour(status=404)
-    async with pooled_worker(make_settings, amqp, *two) as pooled:
+    async with pooled_worker(make_settings, amqp, *two_ollamas) as pooled:
         error = await pooled.ask()
     assert (error["code"], error["retryable"]) == ("model_not_found", False)
-    assert [len(fake.requests) for fake in two] == [1, 1]
+    assert [len(fake.requests) for fake in two_ollamas] == [1, 1]
 
 
 async def test_all_servers_down_is_upstream_unavailable_after_the_budget(
     make_settings: MakeSettings,
     amqp: AbstractRobustConnection,
-    two: tuple[FakeOllama, FakeOllama],
+    two_ollamas: tuple[FakeOllama, FakeOllama],
 ) -> None:
-    async with pooled_worker(make_settings, amqp, *two, retry_budget=1.0) as pooled:
-        for fake in two:
+    async with pooled_worker(make_settings, amqp, *two_ollamas, retry_budget=1.0) as pooled:
+        for fake in two_ollamas:
             await fake.stop()
         started = asyncio.get_running_loop().time()
         error = await pooled.ask()
@@ -262,13 +247,13 @@ async def test_all_servers_down_is_upstream_unavailable_after_the_budget(
 async def test_models_are_the_union_with_where_each_is_loaded(
     make_settings: MakeSettings,
     amqp: AbstractRobustConnection,
-    two: tuple[FakeOllama, FakeOllama],
+    two_ollamas: tuple[FakeOllama, FakeOllama],
 ) -> None:
-    first, second = two
+    first, second = two_ollamas
     first.models["only-here:7b"] = Behaviour()
     await preload(second)
     async with (
-        pooled_worker(make_settings, amqp, *two) as pooled,
+        pooled_worker(make_settings, amqp, *two_ollamas) as pooled,
         ChatClient(pooled.settings.rabbitmq_url, names=pooled.settings.names) as client,
     ):
         models = {model.name: model for model in await client.models()}
@@ -281,10 +266,10 @@ async def test_models_are_the_union_with_where_each_is_loaded(
 async def test_metrics_and_log_line_name_the_server(
     make_settings: MakeSettings,
     amqp: AbstractRobustConnection,
-    two: tuple[FakeOllama, FakeOllama],
+    two_ollamas: tuple[FakeOllama, FakeOllama],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    busy, first = two
+    busy, first = two_ollamas
     busy.models["m"] = Behaviour(status=503)
     correlation_id = uuid.uuid4().hex
     with caplog.at_level("INFO", logger="chatbus.worker"):
@@ -297,7 +282,7 @@ async def test_metrics_and_log_line_name_the_server(
     assert done["server"] == sid(first)
     (line,) = [r for r in caplog.records if getattr(r, "correlation_id", None) == correlation_id]
     assert vars(line)["server"] == sid(first)
-    for fake in two:
+    for fake in two_ollamas:
         assert value(metrics, "chatbus_ollama_server_capacity", server=sid(fake)) == 2
         assert value(metrics, "chatbus_ollama_server_in_flight", server=sid(fake)) == 0
     answered = value(
