@@ -192,6 +192,21 @@ async def test_a_dead_server_opens_its_circuit_and_closes_it_when_back(
             assert status(pool, first).problem is None
 
 
+async def test_an_open_circuit_is_checked_at_the_end_of_its_cooldown(
+    two_ollamas: tuple[FakeOllama, FakeOllama],
+) -> None:
+    busy = two_ollamas[0]
+    busy.models["m"] = Behaviour(status=503)
+    # Checks are far apart: what brings the next one forward is the circuit opening.
+    options = PoolOptions(failure_threshold=2, cooldown=0.2, refresh_interval=60)
+    async with running_pool(busy, options=options) as pool:
+        for _ in range(2):
+            with pytest.raises(NoServerAvailable):
+                await ask(pool)
+        assert status(pool, busy).circuit is CircuitState.OPEN
+        await until(lambda: status(pool, busy).circuit is CircuitState.HALF_OPEN, timeout=2)
+
+
 async def test_a_server_failing_at_once_does_not_take_the_traffic(
     two_ollamas: tuple[FakeOllama, FakeOllama],
 ) -> None:

@@ -194,7 +194,10 @@ class OllamaPool:
         ]
         self._by_id = {backend.id: backend for backend in self._backends}
         self._waiters: list[_Waiter] = []
-        self._check_wanted = {backend.id: asyncio.Event() for backend in self._backends}
+        # A server's watcher sleeps until its next check is due, or until woken: to check at
+        # once (asked), or to reckon its due time again (its circuit opened).
+        self._wake = {backend.id: asyncio.Event() for backend in self._backends}
+        self._check_asked: set[str] = set()
         self._checked = asyncio.Event()
         self._watchers: list[asyncio.Task[None]] = []
 
@@ -387,7 +390,7 @@ class OllamaPool:
             backend.loads_caused += 1
             backend.loaded.add(lease.model)
             # Learn what the load made the server unload.
-            self._check_wanted[backend.id].set()
+            self._ask_check(backend)
 
     def _failed(
         self, lease: Lease, backend: Backend, outcome: CallOutcome, error: BaseException
@@ -404,7 +407,7 @@ class OllamaPool:
             if backend.listing is not None:
                 backend.listing.pop(lease.model, None)
             backend.loaded.discard(lease.model)
-            self._check_wanted[backend.id].set()
+            self._ask_check(backend)
 
     def _record(self, backend: Backend, change: Callable[[], None]) -> None:
         """Apply a change to the server's circuit; log it, and let waiting requests in when
@@ -415,6 +418,7 @@ class OllamaPool:
         if after is before:
             return
         if after is CircuitState.OPEN:
+            self._wake[backend.id].set()  # its next check is at the end of the cooldown
             logger.warning(
                 "Ollama server %s: circuit open: %s",
                 backend.id,
@@ -432,15 +436,23 @@ class OllamaPool:
 
     # ------------------------------------------------------------------ checks
 
+    def _ask_check(self, backend: Backend) -> None:
+        self._check_asked.add(backend.id)
+        self._wake[backend.id].set()
+
     async def _watch(self, backend: Backend) -> None:
-        wanted = self._check_wanted[backend.id]
+        loop = asyncio.get_running_loop()
+        wake = self._wake[backend.id]
         interval = self._options.refresh_interval
         while True:
             due = backend.breaker.next_check_at(backend.last_check_at, interval)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout_at(due):
-                    await wanted.wait()
-            wanted.clear()
+            if backend.id not in self._check_asked and loop.time() < due:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout_at(due):
+                        await wake.wait()
+                wake.clear()
+                continue
+            self._check_asked.discard(backend.id)
             await self._check(backend)
 
     async def _check(self, backend: Backend) -> None:
@@ -461,7 +473,7 @@ class OllamaPool:
         since = asyncio.get_running_loop().time() - max_age
         for backend in self._backends:
             if backend.last_check_at < since:
-                self._check_wanted[backend.id].set()
+                self._ask_check(backend)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self._options.check_timeout):
                 while any(backend.last_check_at < since for backend in self._backends):
