@@ -275,6 +275,7 @@ async def _single_server(
             args.rabbitmq_url,
             fast.url,
             prefetch=max(args.streams, args.paced_streams, args.rss_streams),
+            ollama_num_parallel=max(args.streams, args.paced_streams, args.rss_streams),
         )
         results["service"] = await _throughput_and_first_token(args, connection, settings)
         results["scale"] = await _scale(args, connection, settings, fast)
@@ -292,6 +293,7 @@ async def _single_server(
                 args.rabbitmq_url,
                 paced.url,
                 prefetch=max(args.paced_streams, args.rss_streams),
+                ollama_num_parallel=max(args.paced_streams, args.rss_streams),
                 flush_window=window,
             )
             results["paced"].append(await _paced(args, connection, settings, args.paced_streams))
