@@ -12,19 +12,22 @@ import json
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
-from aio_pika.exceptions import AMQPConnectionError
+from aio_pika.exceptions import AMQPConnectionError, ChannelNotFoundEntity
 from aiormq.exceptions import InvalidFrameError
 from pydantic import ValidationError
 from yarl import URL
 
+from chatbus import failover
 from chatbus.client import ChatClient, ChatEvent, RequestFields, Restarted
 from chatbus.contract import DoneReply, ModelInfo
 from chatbus.conversation import Conversation
+from chatbus.dlq import DeadLetter, DeadLetterError, DeadLetterQueue, Outcome
 from chatbus.errors import ChatError
 from chatbus.settings import DEFAULT_RABBITMQ_URL, BusSettings, settings_problems
+from chatbus.startup import RabbitMQRefused
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -35,11 +38,25 @@ WAITING_NOTICE_AFTER = 5.0
 EPILOG = f"""\
 settings, from the environment or .env, as the service reads them:
   RABBITMQ_URL       default {DEFAULT_RABBITMQ_URL}
-  REQUESTS_QUEUE, REPLIES_EXCHANGE, CANCEL_EXCHANGE, MODELS_QUEUE
+                     (several nodes: comma-separated, the first that answers is used)
+  REQUESTS_QUEUE, REPLIES_EXCHANGE, CANCEL_EXCHANGE, MODELS_QUEUE, DEAD_LETTER_QUEUE
                      default: the contract's names
 exit codes:
   0 done, {EXIT_ERROR} the request failed, RabbitMQ is unreachable or a setting is invalid,
   {EXIT_USAGE} bad arguments, {EXIT_INTERRUPTED} interrupted (Ctrl-C cancels the generation)"""
+
+
+DEFAULT_TIMEOUT = 300.0
+
+
+def _say_client_warnings() -> None:
+    """The client library's warnings (no worker consuming, ...) on stderr, as the CLI's."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("chatbus: %(message)s"))
+    client_logger = logging.getLogger("chatbus.client")
+    client_logger.addHandler(handler)
+    client_logger.setLevel(logging.WARNING)
+    client_logger.propagate = False
 
 
 class CliError(Exception):
@@ -58,6 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"chatbus: {settings_problems(error)}", file=sys.stderr)
         return EXIT_ERROR
     _for_people()
+    _say_client_warnings()
     try:
         return int(args.command(args, settings))
     except (ChatError, CliError) as error:
@@ -108,7 +126,20 @@ def _parser() -> argparse.ArgumentParser:
     request.add_argument(
         "--think-level", dest="think", choices=["low", "medium", "high"], help="think this hard"
     )
-    request.add_argument("--timeout", type=float, help="seconds before giving up (a deadline)")
+    request.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        help="seconds before giving up on an answer, also sent as the request's deadline "
+        f"so that no worker generates it later (default {DEFAULT_TIMEOUT:g}; 0: none)",
+    )
+    request.add_argument(
+        "--no-wait",
+        dest="wait_for_worker",
+        action="store_false",
+        help="fail at once when no worker consumes the requests (default: say so on "
+        "stderr and wait for one, up to the timeout)",
+    )
     request.add_argument("--json", action="store_true", help="print the raw events as JSON lines")
 
     ask = commands.add_parser(
@@ -159,6 +190,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     gateway.set_defaults(command=_gateway)
+    _add_dlq_commands(commands)
     return parser
 
 
@@ -169,6 +201,49 @@ def _worker() -> int:
     app = app_from_environment()
     asyncio.run(app.run())
     return 0
+
+
+def _add_dlq_commands(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    dlq = commands.add_parser(
+        "dlq",
+        help="the dead-letter queue: list, replay or purge requests that failed",
+        description="Requests end in the dead-letter queue (DEAD_LETTER_QUEUE) when they were "
+        "invalid or failed on every allowed delivery.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    actions = dlq.add_subparsers(title="commands", required=True)
+
+    listing = actions.add_parser(
+        "list",
+        help="the dead letters: correlation id, why (x-death reason and count), age, model",
+    )
+    listing.add_argument(
+        "--show-content", action="store_true", help="also show the requests' text (user data)"
+    )
+    listing.add_argument(
+        "--limit", type=int, default=100, help="show the first N of the queue (default 100)"
+    )
+    listing.add_argument("--json", action="store_true", help="print them as JSON")
+    listing.set_defaults(command=_dlq_list)
+
+    replay = actions.add_parser(
+        "replay",
+        help="move dead letters back to the request queue",
+        description="Publish each chosen dead letter to the request queue as it was sent "
+        "and, once the broker confirmed it, remove it from the dead-letter queue: "
+        "interrupted, nothing is lost; at worst one request is in both queues.",
+    )
+    chosen = replay.add_mutually_exclusive_group(required=True)
+    chosen.add_argument("--id", nargs="+", dest="ids", metavar="CID", help="correlation ids")
+    chosen.add_argument("--all", action="store_true", help="every dead letter")
+    replay.set_defaults(command=_dlq_replay)
+
+    purge = actions.add_parser("purge", help="drop dead letters for good")
+    purge.add_argument(
+        "--id", nargs="+", dest="ids", metavar="CID", required=True, help="correlation ids"
+    )
+    purge.set_defaults(command=_dlq_purge)
 
 
 def _gateway(args: argparse.Namespace, settings: BusSettings) -> int:
@@ -202,7 +277,7 @@ def _ask(args: argparse.Namespace, settings: BusSettings) -> int:
 
 
 async def _ask_async(args: argparse.Namespace, settings: BusSettings, prompt: str) -> None:
-    async with _connected(settings, args.timeout) as client:
+    async with _connected(settings, args) as client:
         conversation = Conversation(client, system=args.system, **_fields(args))
         await Printer(json_lines=args.json).show(conversation.stream(prompt))
 
@@ -210,7 +285,7 @@ async def _ask_async(args: argparse.Namespace, settings: BusSettings, prompt: st
 def _chat(args: argparse.Namespace, settings: BusSettings) -> int:
     interactive = sys.stdin.isatty()
     with asyncio.Runner() as runner:
-        client = runner.run(_connect(settings, args.timeout))
+        client = runner.run(_connect(settings, args))
         conversation = Conversation(client, system=args.system, **_fields(args))
         print(
             f"chatbus chat · model: {_model_name(conversation)} · /model NAME, /reset, "
@@ -309,37 +384,137 @@ def _models_table(models: list[ModelInfo]) -> str:
     )
 
 
+def _dlq_list(args: argparse.Namespace, settings: BusSettings) -> int:
+    async def listed() -> tuple[int, list[DeadLetter]]:
+        async with _dead_letters(settings) as queue:
+            return await queue.count(), await queue.list(args.limit)
+
+    count, letters = asyncio.run(listed())
+    if args.json:
+        shown = [letter.summary(show_content=args.show_content) for letter in letters]
+        document = {"queue": settings.dead_letter_queue, "count": count, "dead_letters": shown}
+        print(json.dumps(document, indent=2))
+        return 0
+    print(f"{settings.dead_letter_queue}: {count} dead letter{'s' if count != 1 else ''}")
+    if count > len(letters):
+        print(f"(the first {len(letters)} in the queue shown)")
+    if letters:
+        print(_dead_letters_table(letters, show_content=args.show_content))
+    return 0
+
+
+def _dead_letters_table(letters: list[DeadLetter], *, show_content: bool) -> str:
+    rows = [("CORRELATION ID", "REASON", "COUNT", "AGE", "MODEL")]
+    for letter in letters:
+        age = letter.age()
+        rows.append(
+            (
+                letter.correlation_id or "(none)",
+                letter.reason or "",
+                "" if letter.count is None else str(letter.count),
+                "" if age is None else _duration(age),
+                letter.model or "(default)",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for index, row in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        if show_content and index > 0:
+            lines.append(f"  {json.dumps(letters[index - 1].content())}")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size:.0f}{unit}"
+    return f"{max(seconds, 0):.0f}s"
+
+
+def _dlq_replay(args: argparse.Namespace, settings: BusSettings) -> int:
+    async def replayed() -> Outcome:
+        async with _dead_letters(settings) as queue:
+            return await queue.replay(None if args.all else args.ids)
+
+    outcome = asyncio.run(replayed())
+    print(f"replayed {len(outcome.done)} to {settings.requests_queue}")
+    return _report_not_found(outcome)
+
+
+def _dlq_purge(args: argparse.Namespace, settings: BusSettings) -> int:
+    async def purged() -> Outcome:
+        async with _dead_letters(settings) as queue:
+            return await queue.purge(args.ids)
+
+    outcome = asyncio.run(purged())
+    print(f"purged {len(outcome.done)} from {settings.dead_letter_queue}")
+    return _report_not_found(outcome)
+
+
+def _report_not_found(outcome: Outcome) -> int:
+    for correlation_id in sorted(outcome.not_found):
+        print(f"chatbus: no dead letter with correlation id {correlation_id}", file=sys.stderr)
+    return EXIT_ERROR if outcome.not_found else 0
+
+
+@contextlib.asynccontextmanager
+async def _dead_letters(settings: BusSettings) -> AsyncIterator[DeadLetterQueue]:
+    with _connection_errors(settings):
+        connection = await failover.connect(settings.rabbitmq_url)
+    async with connection:
+        try:
+            yield DeadLetterQueue(connection, settings.dead_letter_queue, settings.requests_queue)
+        except (ChannelNotFoundEntity, DeadLetterError) as error:
+            raise CliError(str(error)) from None
+
+
 @contextlib.asynccontextmanager
 async def _connected(
-    settings: BusSettings, timeout: float | None = None
+    settings: BusSettings, args: argparse.Namespace | None = None
 ) -> AsyncIterator[ChatClient]:
-    client = await _connect(settings, timeout)
+    client = await _connect(settings, args)
     try:
         yield client
     finally:
         await client.close()
 
 
-async def _connect(settings: BusSettings, timeout: float | None) -> ChatClient:
-    client = ChatClient(settings.rabbitmq_url, names=settings.names, timeout=timeout)
-    try:
-        await client.connect()
-    except (OSError, AMQPConnectionError, InvalidFrameError) as error:
-        url = URL(settings.rabbitmq_url)
-        shown = url.with_password("******") if url.password else url
-        if isinstance(error, InvalidFrameError):
-            if "Connection.OpenOk" not in str(error):
-                raise
-            # RabbitMQ closed the connection in answer to opening the virtual host; aiormq
-            # keeps only that, not the broker's words ("vhost ... not found", or "access
-            # to vhost ... refused").
-            raise CliError(
-                f"RabbitMQ at {shown} refused virtual host {_vhost(url)!r}: it does not "
-                f"exist, or user {url.user or 'guest'!r} may not use it (see rabbitmqctl "
-                "list_vhosts, list_permissions)"
-            ) from None
-        raise CliError(f"cannot connect to RabbitMQ at {shown}: {error}") from None
+async def _connect(settings: BusSettings, args: argparse.Namespace | None) -> ChatClient:
+    """A connected client; the request options (timeout, waiting for a worker) from `args`
+    when the command sends requests."""
+    client = ChatClient(
+        settings.rabbitmq_url,
+        names=settings.names,
+        timeout=(args.timeout or None) if args else None,
+        wait_for_worker=args.wait_for_worker if args else True,
+    )
+    with _connection_errors(settings):
+        await client.connect(give_up_after=0)  # a person is waiting: say so at once
     return client
+
+
+@contextlib.contextmanager
+def _connection_errors(settings: BusSettings) -> Iterator[None]:
+    try:
+        yield
+    except InvalidFrameError as error:
+        if "Connection.OpenOk" not in str(error):
+            raise
+        # RabbitMQ closed the connection in answer to opening the virtual host; aiormq
+        # keeps only that, not the broker's words ("vhost ... not found", or "access to
+        # vhost ... refused").
+        url = failover.addresses(settings.rabbitmq_url)[0]
+        raise CliError(
+            f"RabbitMQ at {failover.shown(settings.rabbitmq_url)} refused virtual host "
+            f"{_vhost(url)!r}: it does not exist, or user {url.user or 'guest'!r} may not use "
+            "it (see rabbitmqctl list_vhosts, list_permissions)"
+        ) from None
+    except (OSError, AMQPConnectionError) as error:
+        where = failover.shown(settings.rabbitmq_url)
+        raise CliError(f"cannot connect to RabbitMQ at {where}: {error}") from None
+    except (failover.ConfigurationError, RabbitMQRefused) as error:
+        raise CliError(str(error)) from None
 
 
 def _vhost(url: URL) -> str:

@@ -14,7 +14,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal, Self, TypedDict, Unpack
@@ -24,7 +24,6 @@ from aio_pika.abc import (
     AbstractExchange,
     AbstractIncomingMessage,
     AbstractRobustChannel,
-    AbstractRobustConnection,
 )
 from aiormq.abc import DeliveredMessage
 from aiormq.exceptions import ChannelInvalidStateError
@@ -32,7 +31,7 @@ from faststream.rabbit import RabbitExchange
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticSerializationError
 
-from chatbus import topology
+from chatbus import failover, topology
 from chatbus.contract import (
     DEADLINE_HEADER,
     NAMES,
@@ -55,6 +54,7 @@ from chatbus.errors import (
     validation_problems,
 )
 from chatbus.settings import DEFAULT_RABBITMQ_URL
+from chatbus.startup import until_rabbitmq_answers
 
 __all__ = ["ChatClient", "ChatEvent", "Messages", "RequestFields", "Restarted"]
 
@@ -128,10 +128,22 @@ class ChatClient:
         done = await client.chat("Why is the sky blue?")
     ```
 
-    `names` are the queues and exchanges to use, the contract's unless a deployment renamed
-    them. `timeout` is the default of every
-    call's own `timeout`: seconds until the request's deadline, which is also sent to the
-    worker (header `x-deadline`) so that it stops working on an answer nobody waits for.
+    `rabbitmq_url` may name several nodes of a cluster, comma-separated: the client connects
+    to the first that answers and moves to the next when its connection is lost
+    (`chatbus.failover`). `names` are the queues and exchanges to use, the contract's
+    unless a deployment renamed them. `timeout` is the default of every call's own
+    `timeout`: seconds until the request's deadline, which is also sent to the worker
+    (header `x-deadline`) so that it stops working on an answer nobody waits for.
+
+    `connect` (and `async with`) waits for RabbitMQ: it tries again every
+    `reconnect_interval` seconds while RabbitMQ does not answer, logging a line at most
+    every few seconds, and raises `chatbus.startup.RabbitMQRefused` at once when RabbitMQ
+    refuses the configuration (login, virtual host, permissions).
+
+    Before each request the client looks whether a worker consumes the request queue. When
+    none does, it logs a warning (logger `chatbus.client`) and sends the request, which
+    waits in the queue for a worker until its deadline; with `wait_for_worker=False` it
+    raises `ServiceUnavailableError` instead, without sending it.
     """
 
     def __init__(
@@ -142,8 +154,10 @@ class ChatClient:
         timeout: float | None = None,
         connection_name: str | None = None,
         reconnect_interval: float = 1.0,
+        wait_for_worker: bool = True,
     ) -> None:
         self._url = rabbitmq_url
+        self._wait_for_worker = wait_for_worker
         self._names = names
         self._timeout = timeout
         self._connection_name = (
@@ -166,16 +180,25 @@ class ChatClient:
     ) -> None:
         await self.close()
 
-    async def connect(self) -> None:
+    async def connect(self, *, give_up_after: float | None = None) -> None:
         """Connect, declare the exchanges the requests need (as the worker does, so that
-        the client may start first) and start consuming the reply queue."""
-        connection: AbstractRobustConnection = await aio_pika.connect_robust(
-            self._url,
-            client_properties={"connection_name": self._connection_name},
-            reconnect_interval=self._reconnect_interval,
+        the client may start first) and start consuming the reply queue. While RabbitMQ
+        does not answer, try again every `reconnect_interval` seconds, for at most
+        `give_up_after` seconds (0: once) or, by default, until it does."""
+        connection = await until_rabbitmq_answers(
+            lambda: failover.connect_robust(
+                self._url,
+                client_properties={"connection_name": self._connection_name},
+                reconnect_interval=self._reconnect_interval,
+            ),
+            rabbitmq_url=self._url,
+            interval=self._reconnect_interval,
+            give_up_after=give_up_after,
         )
         connection.close_callbacks.add(self._on_connection_closed)
         channel = await connection.channel()
+        # Its own channel: a passive declare of a missing queue closes the channel.
+        self._probe = await connection.channel(publisher_confirms=False)
         self._replies_exchange = await _declare(channel, topology.replies_exchange(self._names))
         self._cancel_exchange = await _declare(channel, topology.cancel_exchange(self._names))
         self._replies = await channel.declare_queue(
@@ -191,6 +214,9 @@ class ChatClient:
         if self._connection.connected.is_set():
             for correlation_id in list(self._pending):
                 await self._publish_cancel(correlation_id)
+            if self._background:
+                # Cancelled requests whose end the worker has yet to confirm.
+                await asyncio.wait(self._background, timeout=CANCEL_GRACE)
         for task in self._background:
             task.cancel()
         await self._connection.close()
@@ -243,10 +269,14 @@ class ChatClient:
         raise AssertionError("a reply stream ends with its terminal reply or raises")
 
     async def models(self, *, timeout: float = 30.0) -> list[ModelInfo]:
-        """The models Ollama has, as a worker sees them (a request on `chat.models`)."""
+        """The models Ollama has, as a worker sees them (a request on `chat.models`).
+        `ServiceUnavailableError` at once when no worker is up to answer."""
         call = self._call(uuid.uuid4().hex, timeout)
         try:
             async with call.within_timeout():
+                await self._look_for_workers(
+                    self._names.models_queue, call.correlation_id, wait=False
+                )
                 await self._publish(
                     b"{}",
                     self._names.models_queue,
@@ -297,6 +327,9 @@ class ChatClient:
         ended = False
         try:
             async with call.within_timeout():
+                await self._look_for_workers(
+                    self._names.requests_queue, correlation_id, wait=self._wait_for_worker
+                )
                 await self._replies.bind(self._replies_exchange, routing_key=correlation_id)
                 await self._publish(
                     request,
@@ -324,15 +357,24 @@ class ChatClient:
                 shown = True
                 yield reply
         finally:
-            release = self._release(call, cancel=not ended)
             if self._connection.connected.is_set():
                 # Shielded: a second cancel must not keep the worker from hearing of the first.
-                await asyncio.shield(release)
+                if not ended:
+                    await asyncio.shield(self._publish_cancel_when_open(correlation_id))
+                release = self._release(call, waits_for_the_end=not ended)
+                if ended:
+                    await asyncio.shield(release)
+                else:
+                    # The caller need not wait for the worker to confirm the cancel.
+                    self._in_background(release)
             else:
                 # Done once the connection is back, which the caller need not wait for.
-                task = asyncio.create_task(release)
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
+                self._in_background(self._release(call, cancel=not ended))
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _call(self, correlation_id: str, timeout: float | None) -> _Call:
         if correlation_id in self._pending:
@@ -379,6 +421,27 @@ class ChatClient:
                 correlation_id=correlation_id,
             )
 
+    async def _look_for_workers(self, queue: str, correlation_id: str, *, wait: bool) -> None:
+        """Say at once when no worker consumes `queue`: log it when the request is to
+        `wait` for one, else raise ServiceUnavailableError (see the class)."""
+        try:
+            channel = await self._probe.get_underlay_channel()
+            declared = await channel.queue_declare(queue, passive=True)
+        except (aio_pika.exceptions.AMQPError, ChannelInvalidStateError):
+            return  # no such queue (the mandatory publish reports that), or no channel
+        if declared.consumer_count:
+            return
+        if not wait:
+            raise ServiceUnavailableError(
+                f"no worker consumes {queue!r}",
+                retryable=True,
+                correlation_id=correlation_id,
+            )
+        logger.warning(
+            "no worker consumes %r: the request waits there for one, until its deadline",
+            queue,
+        )
+
     async def _next(self, call: _Call) -> AbstractIncomingMessage:
         async with call.within_timeout():
             message = await call.replies.get()
@@ -391,8 +454,11 @@ class ChatClient:
             )
         return message
 
-    async def _release(self, call: _Call, *, cancel: bool) -> None:
-        """Stop listening for a request's replies, and cancel it unless it ended."""
+    async def _release(
+        self, call: _Call, *, cancel: bool = False, waits_for_the_end: bool = False
+    ) -> None:
+        """Stop listening for a request's replies: first cancel it (`cancel`), or wait for
+        the worker to end the request it was sent a cancel for (`waits_for_the_end`)."""
         correlation_id = call.correlation_id
         try:
             if self._closing:
@@ -400,12 +466,23 @@ class ChatClient:
             await self._channel.ready()  # after a lost connection: until it is back
             if cancel:
                 await self._publish_cancel(correlation_id)
+            if cancel or waits_for_the_end:
                 await self._until_ended(call)
+                if self._closing:
+                    return  # the reply queue goes with the connection
             await self._replies.unbind(self._replies_exchange, routing_key=correlation_id)
         except (aio_pika.exceptions.AMQPError, ConnectionError, ChannelInvalidStateError) as error:
             logger.warning("could not release request %s: %r", correlation_id, error)
         finally:
             del self._pending[correlation_id]
+
+    async def _publish_cancel_when_open(self, correlation_id: str) -> None:
+        if self._closing:
+            return  # close() cancels it
+        try:
+            await self._publish_cancel(correlation_id)
+        except (aio_pika.exceptions.AMQPError, ConnectionError, ChannelInvalidStateError) as error:
+            logger.warning("could not cancel request %s: %r", correlation_id, error)
 
     async def _until_ended(self, call: _Call) -> None:
         """Keep listening, for at most `CANCEL_GRACE` seconds, until the worker ends the

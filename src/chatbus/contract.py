@@ -56,8 +56,8 @@ class ContractNames:
     models_queue: str = "chat.models"
     """Request/reply: a message published here with `reply_to` is answered on that queue,
     with the request's correlation id, by a `ModelsReply` (or an `ErrorReply` when Ollama
-    cannot be asked). The queue exists only while a worker is up, so a mandatory publish
-    tells a requester at once that none is."""
+    cannot be asked). RabbitMQ deletes the queue a few seconds after the last worker stopped
+    consuming it, so a mandatory publish then tells a requester at once that none is up."""
 
 
 NAMES = ContractNames()

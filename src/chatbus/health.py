@@ -42,6 +42,8 @@ class Readiness:
         self._pool = pool
         self._timeout = timeout
         self._ollama_cache_seconds = ollama_cache_seconds
+        self.connecting = False
+        """True while the worker waits for RabbitMQ to answer at start-up."""
 
     async def check(self) -> dict[str, str]:
         """Each check's result: `"ok"`, or what is wrong."""
@@ -58,6 +60,8 @@ class Readiness:
         }
 
     async def _rabbitmq(self) -> str:
+        if self.connecting:
+            return "connecting"
         return OK if await self._broker.ping(self._timeout) else "no connection to RabbitMQ"
 
     async def _consumers(self) -> str:

@@ -6,14 +6,18 @@ AsyncAPI page.
 `faststream run chatbus.service:app` (and `chatbus worker`, which runs the same).
 """
 
+import asyncio
 import logging
 import signal
 import socket
 import sys
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import ollama
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS
+from aiormq.exceptions import ChannelPreconditionFailed
 from faststream import AckPolicy
 from faststream.asgi import AsgiFastStream, AsgiResponse, AsyncAPIRoute
 from faststream.asgi.types import Receive, Scope, Send
@@ -22,12 +26,12 @@ from faststream.rabbit.annotations import RabbitMessage
 from opentelemetry import trace
 from prometheus_client import make_asgi_app
 from pydantic import ValidationError
-from yarl import URL
 
 from chatbus import topology
 from chatbus.asyncapi import ContractAsyncAPI
 from chatbus.catalog import list_models
-from chatbus.contract import CancelRequest, ErrorReply, ModelsReply
+from chatbus.contract import CancelRequest, ContractNames, ErrorReply, ModelsReply
+from chatbus.failover import ConfigurationError, FailoverRabbitBroker, addresses, joined
 from chatbus.health import Readiness, liveness_endpoint, readiness_endpoint
 from chatbus.observability import (
     PoolCollector,
@@ -40,14 +44,27 @@ from chatbus.observability import (
 )
 from chatbus.pool import OllamaPool, ServerSpec
 from chatbus.settings import Settings, settings_problems
+from chatbus.startup import refusal, until_rabbitmq_answers
 from chatbus.upstream import create_ollama_client
 from chatbus.worker import ChatWorker
 
 # `app` too, built on first use (see `__getattr__` below).
-__all__ = ["EXIT_BAD_SETTINGS", "WorkerApp", "app_from_environment", "create_app"]
+__all__ = [
+    "EXIT_BAD_SETTINGS",
+    "EXIT_CONFIGURATION",
+    "WorkerApp",
+    "app_from_environment",
+    "create_app",
+]
+
+logger = logging.getLogger("chatbus.service")
 
 EXIT_BAD_SETTINGS = 2
 """The worker's exit status when its settings cannot work (it exits at once)."""
+
+EXIT_CONFIGURATION = 78
+"""The exit code when RabbitMQ refuses the configuration (sysexits' EX_CONFIG): restarting
+will not help. A supervisor can be told not to (systemd: RestartPreventExitStatus=78)."""
 
 
 async def _keep_body_raw(message: RabbitMessage) -> bytes:
@@ -64,18 +81,41 @@ async def _the_message_itself(message: RabbitMessage) -> RabbitMessage:
 
 
 def _with_connection_name(url: str, name: str) -> str:
-    """Name the AMQP connection (aiormq reads `name` from the URL), so that operators and
-    the fault tests can tell this worker's connection apart; a name in the URL wins."""
-    parsed = URL(url)
-    return url if "name" in parsed.query else str(parsed.update_query(name=name))
+    """Name the AMQP connection (aiormq reads `name` from the URL) on every address, so
+    that operators and the fault tests can tell this worker's connection apart; a name in
+    the URL wins."""
+    return joined(
+        [
+            address if "name" in address.query else address.update_query(name=name)
+            for address in addresses(url)
+        ]
+    )
 
 
 class WorkerApp(AsgiFastStream):
     """`faststream run` serves the HTTP side channel where the settings say (its own
-    `--host`/`--port` still win), and leaves uvicorn's logs to the service's logging."""
+    `--host`/`--port` still win), and leaves uvicorn's logs to the service's logging.
 
-    def __init__(self, broker: RabbitBroker, settings: Settings, **options: Any) -> None:
+    It starts before RabbitMQ if it must: the side channel answers (alive, not ready:
+    `rabbitmq: connecting`) while the worker tries every `RECONNECT_INTERVAL` to connect
+    and declare its topology; then it consumes. A configuration RabbitMQ refuses ends the
+    process with EXIT_CONFIGURATION and one line saying why."""
+
+    def __init__(
+        self,
+        broker: RabbitBroker,
+        settings: Settings,
+        *,
+        readiness: Readiness,
+        declare_topology: Callable[[], Awaitable[None]],
+        **options: Any,
+    ) -> None:
         super().__init__(broker, **options)
+        self._settings = settings
+        self._readiness = readiness
+        self._declare_topology = declare_topology
+        self._serving = False
+        self.exit_code = 0
         # As `faststream run` passes its options: strings, which it converts.
         self._uvicorn_defaults: dict[str, Any] = {
             "host": settings.http_host,
@@ -108,7 +148,61 @@ class WorkerApp(AsgiFastStream):
         # The shutdown was graceful: end with status 0, as FastStream's own runner does.
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: None)
+        self._serving = True
         await super().run(log_level, self._uvicorn_defaults | (run_extra_options or {}))
+        if self.exit_code:
+            raise SystemExit(self.exit_code)
+
+    async def _start_broker(self) -> None:
+        # FastStream starts the broker here, once the startup hooks have run: under
+        # uvicorn, the side channel is serving already.
+        try:
+            while not await self._started():
+                pass
+        except Exception as error:
+            if not self._serving:
+                raise
+            await self._exit_for(error)
+
+    async def _started(self) -> bool:
+        """Connect when RabbitMQ answers, then start the subscribers; False when the
+        connection was lost in between (the broker restarting), with everything stopped
+        again, to start from the beginning."""
+        assert self.broker is not None
+        self._readiness.connecting = True
+        await until_rabbitmq_answers(
+            self._connect,
+            rabbitmq_url=self._settings.rabbitmq_url,
+            interval=self._settings.reconnect_interval,
+        )
+        self._readiness.connecting = False
+        try:
+            await super()._start_broker()
+        except (*CONNECTION_EXCEPTIONS, TimeoutError) as error:
+            if refusal(error) is not None:
+                raise
+            logger.warning("RabbitMQ went away while the worker started (%s): again", error)
+            await self.broker.stop()
+            return False
+        return True
+
+    async def _connect(self) -> None:
+        """Connect, and declare what must exist before consuming starts."""
+        assert self.broker is not None
+        await self.broker.connect()
+        await self._declare_topology()
+
+    async def _exit_for(self, error: Exception) -> None:
+        """Log why, and shut down as on SIGTERM; `run` then exits with the code. Waits
+        for the shutdown to cancel it, so that nothing reports the worker as started."""
+        if (refused := refusal(error)) is not None:
+            logger.critical("cannot start: RabbitMQ refuses this configuration: %s", refused)
+            self.exit_code = EXIT_CONFIGURATION
+        else:
+            logger.critical("cannot start: %s", error, exc_info=error)
+            self.exit_code = 1
+        signal.raise_signal(signal.SIGTERM)
+        await asyncio.Event().wait()
 
 
 def create_app(settings: Settings) -> WorkerApp:
@@ -118,7 +212,7 @@ def create_app(settings: Settings) -> WorkerApp:
         if settings.otel_enabled
         else None
     )
-    broker = RabbitBroker(
+    broker = FailoverRabbitBroker(
         _with_connection_name(settings.rabbitmq_url, settings.connection_name),
         graceful_timeout=settings.graceful_timeout,
         reconnect_interval=settings.reconnect_interval,
@@ -158,6 +252,7 @@ def create_app(settings: Settings) -> WorkerApp:
         topology.requests_queue(names, settings.delivery_limit, settings.queue_bounds),
         # The prefetch bounds the generations one worker runs at once.
         channel=Channel(prefetch_count=settings.prefetch),
+        consume_args=topology.consumer_arguments(settings.total_timeout, settings.publish_timeout),
         ack_policy=AckPolicy.MANUAL,
         decoder=_the_message_itself,
         no_reply=True,
@@ -183,9 +278,18 @@ def create_app(settings: Settings) -> WorkerApp:
     async def handle_models_request(message: RabbitMessage) -> ModelsReply | ErrorReply:
         return await list_models(pool, message.correlation_id)
 
+    async def declare_topology() -> None:
+        # Declared before consuming starts: requesters bind to the replies exchange, and
+        # dead letters need their queue to exist.
+        await broker.declare_queue(topology.dead_letter_queue(names, settings.queue_bounds))
+        await worker.declare()
+        await _declare_models_queue(broker, names)
+
     app = WorkerApp(
         broker,
         settings,
+        readiness=readiness,
+        declare_topology=declare_topology,
         asgi_routes=[
             ("/healthz", liveness_endpoint()),
             ("/readyz", readiness_endpoint(readiness)),
@@ -200,12 +304,7 @@ def create_app(settings: Settings) -> WorkerApp:
     )
 
     @app.on_startup
-    async def declare_topology() -> None:
-        # Declared before consuming starts: requesters bind to the replies exchange, and
-        # dead letters need their queue to exist.
-        await broker.connect()
-        await broker.declare_queue(topology.dead_letter_queue(names, settings.queue_bounds))
-        await worker.declare()
+    async def start_pool() -> None:
         await pool.start()
 
     @app.after_shutdown
@@ -218,6 +317,19 @@ def create_app(settings: Settings) -> WorkerApp:
     return app
 
 
+async def _declare_models_queue(broker: RabbitBroker, names: ContractNames) -> None:
+    """Before its subscriber does: while workers of a version that declared it transient
+    still run, the queue has that form, and this worker waits (as for RabbitMQ itself)
+    until they have stopped and RabbitMQ has deleted it with the last of them."""
+    try:
+        await broker.declare_queue(topology.models_queue(names))
+    except ChannelPreconditionFailed as error:
+        raise ConnectionError(
+            f"{names.models_queue} has the form earlier versions declared ({error}): "
+            "waiting for their workers to stop"
+        ) from error
+
+
 def app_from_environment() -> WorkerApp:
     """The worker as the environment (and `.env`) configures it, logging included. Settings
     that cannot work end the process at once, with one line on stderr naming them."""
@@ -227,7 +339,11 @@ def app_from_environment() -> WorkerApp:
         print(f"chatbus worker: {settings_problems(error)}", file=sys.stderr)
         sys.exit(EXIT_BAD_SETTINGS)
     configure_logging(settings.log_level, settings.log_format)
-    return create_app(settings)
+    try:
+        return create_app(settings)
+    except ConfigurationError as error:
+        logger.critical("cannot start: %s", error)
+        raise SystemExit(EXIT_CONFIGURATION) from None
 
 
 def __getattr__(name: str) -> WorkerApp:

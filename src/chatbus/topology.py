@@ -7,7 +7,9 @@ from chatbus.contract import ContractNames
 from chatbus.settings import UNBOUNDED, QueueBounds
 
 __all__ = [
+    "MODELS_QUEUE_EXPIRES",
     "cancel_exchange",
+    "consumer_arguments",
     "dead_letter_queue",
     "models_queue",
     "replies_exchange",
@@ -64,7 +66,27 @@ def cancel_exchange(names: ContractNames) -> RabbitExchange:
     return RabbitExchange(names.cancel_exchange, type=ExchangeType.FANOUT, durable=True)
 
 
+MODELS_QUEUE_EXPIRES = 10.0
+"""Seconds `chat.models` outlives its last consumer."""
+
+
 def models_queue(names: ContractNames) -> RabbitQueue:
-    """Shared by the workers and deleted with the last of them, so that a requester's
-    mandatory publish comes back at once when no worker could answer it."""
-    return RabbitQueue(names.models_queue, durable=False, auto_delete=True)
+    """Shared by the workers, and deleted by RabbitMQ (`x-expires`) MODELS_QUEUE_EXPIRES
+    seconds after the last of them stopped consuming it, so that a requester's mandatory
+    publish then comes back at once. Durable: RabbitMQ 4 deprecates transient queues that
+    are not exclusive (the form this queue had before)."""
+    return RabbitQueue(
+        names.models_queue,
+        durable=True,
+        arguments={"x-expires": int(MODELS_QUEUE_EXPIRES * 1000)},
+    )
+
+
+def consumer_arguments(total_timeout: float, publish_timeout: float) -> dict[str, int]:
+    """The request consumer's own acknowledgement timeout (RabbitMQ 3.12 and later; earlier
+    versions ignore it and apply their `consumer_timeout`, 30 minutes by default): above
+    the longest a request may take before its ack, a generation of `total_timeout`
+    followed by its terminal reply's confirm, with a minute to spare. A consumer argument,
+    not a queue argument: RabbitMQ refuses to redeclare an existing queue with an argument
+    it was not declared with."""
+    return {"x-consumer-timeout": int((total_timeout + publish_timeout + 60) * 1000)}
