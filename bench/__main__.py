@@ -17,7 +17,7 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractRobustConnection
 
-from bench import scenarios
+from bench import pool, scenarios
 from bench.processes import (
     FakeOllamaProcess,
     PeakRss,
@@ -60,6 +60,11 @@ def _arguments() -> argparse.Namespace:
     )
     parser.add_argument(
         "--scale-workers", type=int, default=2, help="worker processes for the scale row"
+    )
+    parser.add_argument(
+        "--only",
+        choices=["single", "pool"],
+        help="only the one-server scenarios, or only those of several servers (default: all)",
     )
     parser.add_argument(
         "--output", type=Path, help="JSON file (default: bench/results/<time>.json)"
@@ -224,61 +229,88 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     }
     topology = _worker_settings(run_id, args.rabbitmq_url, "")
     try:
-        async with FakeOllamaProcess(args.tokens) as fast:
-            client = scenarios.direct_client(fast.url, args.streams)
-            await scenarios.direct_tokens_per_second(client, args.streams)  # warm-up
-            rates = [
-                await scenarios.direct_tokens_per_second(client, args.streams)
-                for _ in range(args.rounds)
-            ]
-            first_token = await scenarios.direct_first_token(client, args.first_token_samples)
-            await client.close()  # type: ignore[no-untyped-call]
-            results["direct"] = {
-                "tokens_per_second": statistics.median(rates),
-                "tokens_per_second_rounds": rates,
-                "first_token_ms": scenarios.summary(first_token),
-            }
-            hop = await scenarios.amqp_hops(
-                connection, f"bench-{run_id}.hop", args.hop_samples, args.hop_messages
-            )
-            results["amqp_hop"] = {
-                "reply_latency_ms": scenarios.summary(hop.reply_latencies),
-                "request_latency_ms": scenarios.summary(hop.request_latencies),
-                "messages_per_second": hop.messages_per_second,
-            }
-            settings = _worker_settings(
-                run_id,
-                args.rabbitmq_url,
-                fast.url,
-                prefetch=max(args.streams, args.paced_streams, args.rss_streams),
-            )
-            results["service"] = await _throughput_and_first_token(args, connection, settings)
-            results["scale"] = await _scale(args, connection, settings, fast)
-            results["gateway"] = await _gateway(args, settings)
-
-        async with FakeOllamaProcess(args.paced_tokens, args.token_delay) as paced:
-            client = scenarios.direct_client(paced.url, args.paced_streams)
-            floor = await scenarios.direct_lateness(client, args.paced_streams, args.token_delay)
-            await client.close()  # type: ignore[no-untyped-call]
-            results["direct_paced"] = {"token_lateness_ms": scenarios.summary(floor)}
-            results["paced"] = []
-            for window in args.flush_windows:
-                settings = _worker_settings(
-                    run_id,
-                    args.rabbitmq_url,
-                    paced.url,
-                    prefetch=max(args.paced_streams, args.rss_streams),
-                    flush_window=window,
-                )
-                results["paced"].append(
-                    await _paced(args, connection, settings, args.paced_streams)
-                )
-            results["rss"] = await _paced(args, connection, settings, args.rss_streams)
+        if args.only != "pool":
+            await _single_server(args, connection, run_id, results)
+        if args.only != "single":
+            results["pool"] = await _pool(args, connection, run_id)
     finally:
         await _delete_topology(connection, topology)
         await connection.close()
     results["targets"] = targets(results)
     return results
+
+
+async def _single_server(
+    args: argparse.Namespace,
+    connection: AbstractRobustConnection,
+    run_id: str,
+    results: dict[str, Any],
+) -> None:
+    """One server, as before the pool: it runs any number of generations at once, so the
+    worker gives it as many slots as its prefetch."""
+    async with FakeOllamaProcess(args.tokens) as fast:
+        client = scenarios.direct_client(fast.url, args.streams)
+        await scenarios.direct_tokens_per_second(client, args.streams)  # warm-up
+        rates = [
+            await scenarios.direct_tokens_per_second(client, args.streams)
+            for _ in range(args.rounds)
+        ]
+        first_token = await scenarios.direct_first_token(client, args.first_token_samples)
+        await client.close()  # type: ignore[no-untyped-call]
+        results["direct"] = {
+            "tokens_per_second": statistics.median(rates),
+            "tokens_per_second_rounds": rates,
+            "first_token_ms": scenarios.summary(first_token),
+        }
+        hop = await scenarios.amqp_hops(
+            connection, f"bench-{run_id}.hop", args.hop_samples, args.hop_messages
+        )
+        results["amqp_hop"] = {
+            "reply_latency_ms": scenarios.summary(hop.reply_latencies),
+            "request_latency_ms": scenarios.summary(hop.request_latencies),
+            "messages_per_second": hop.messages_per_second,
+        }
+        settings = _worker_settings(
+            run_id,
+            args.rabbitmq_url,
+            fast.url,
+            prefetch=max(args.streams, args.paced_streams, args.rss_streams),
+            ollama_num_parallel=max(args.streams, args.paced_streams, args.rss_streams),
+        )
+        results["service"] = await _throughput_and_first_token(args, connection, settings)
+        results["scale"] = await _scale(args, connection, settings, fast)
+        results["gateway"] = await _gateway(args, settings)
+
+    async with FakeOllamaProcess(args.paced_tokens, args.token_delay) as paced:
+        client = scenarios.direct_client(paced.url, args.paced_streams)
+        floor = await scenarios.direct_lateness(client, args.paced_streams, args.token_delay)
+        await client.close()  # type: ignore[no-untyped-call]
+        results["direct_paced"] = {"token_lateness_ms": scenarios.summary(floor)}
+        results["paced"] = []
+        for window in args.flush_windows:
+            settings = _worker_settings(
+                run_id,
+                args.rabbitmq_url,
+                paced.url,
+                prefetch=max(args.paced_streams, args.rss_streams),
+                ollama_num_parallel=max(args.paced_streams, args.rss_streams),
+                flush_window=window,
+            )
+            results["paced"].append(await _paced(args, connection, settings, args.paced_streams))
+        results["rss"] = await _paced(args, connection, settings, args.rss_streams)
+
+
+async def _pool(
+    args: argparse.Namespace, connection: AbstractRobustConnection, run_id: str
+) -> dict[str, Any]:
+    def settings_for(**values: Any) -> Settings:
+        return _worker_settings(run_id, args.rabbitmq_url, "", **values)
+
+    return {
+        "failover": await pool.failover(settings_for, connection),
+        "routing": await pool.routing(settings_for, connection),
+        "scale": await pool.scale(settings_for, connection),
+    }
 
 
 def main() -> int:

@@ -2,12 +2,13 @@
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
@@ -23,12 +24,25 @@ _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 class FakeOllamaProcess:
-    """`python -m chatbus.testing.fake_ollama`, so that its CPU is not the requester's."""
+    """`python -m chatbus.testing.fake_ollama`, so that its CPU is not the requester's. After
+    it stops, `stats` holds its counters (the fake prints them when it stops)."""
 
-    def __init__(self, tokens: int, token_delay: float = 0.0) -> None:
+    def __init__(
+        self,
+        tokens: int,
+        token_delay: float = 0.0,
+        *,
+        models: Sequence[str] = (),
+        load_time: float = 0.0,
+        max_loaded_models: int | None = None,
+    ) -> None:
         self.tokens = tokens
         self.token_delay = token_delay
+        self._options = [f"--model={model}" for model in models] + [f"--load-time={load_time}"]
+        if max_loaded_models is not None:
+            self._options.append(f"--max-loaded-models={max_loaded_models}")
         self.url = ""
+        self.stats: dict[str, int] = {}
         self._process: asyncio.subprocess.Process | None = None
 
     async def __aenter__(self) -> Self:
@@ -39,6 +53,7 @@ class FakeOllamaProcess:
             "--port=0",
             f"--tokens={self.tokens}",
             f"--token-delay={self.token_delay}",
+            *self._options,
             stdout=asyncio.subprocess.PIPE,
         )
         assert self._process.stdout is not None
@@ -55,7 +70,18 @@ class FakeOllamaProcess:
 
     async def __aexit__(self, *exc_info: object) -> None:
         assert self._process is not None
+        if self._process.returncode is not None:
+            return  # killed
         self._process.send_signal(signal.SIGTERM)
+        assert self._process.stdout is not None
+        async with asyncio.timeout(10):
+            self.stats = json.loads(await self._process.stdout.readline())
+            await self._process.wait()
+
+    async def kill(self) -> None:
+        """As a crash: SIGKILL, its connections reset, nothing answers on its port."""
+        assert self._process is not None
+        self._process.kill()
         await self._process.wait()
 
 

@@ -11,9 +11,53 @@ RSS_IDLE_MAX_MB = 80.0
 MESSAGES_PER_TOKEN_MAX = 0.1
 GATEWAY_THROUGHPUT_RATIO_MIN = 0.7
 GATEWAY_ADDED_FIRST_TOKEN_MAX_MS = 5.0
+FAILOVER_ADDED_P99_MAX_MS = 50.0
+ROUTED_LOADS_MAX = 4
+ROUTED_TIME_RATIO_MAX = 0.5
+SCALE_RATIO_MIN = 1.8
 
 
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = _single_server_targets(results) if "service" in results else []
+    if "pool" in results:
+        rows += _pool_targets(results["pool"])
+    return rows
+
+
+def _pool_targets(pool: dict[str, Any]) -> list[dict[str, Any]]:
+    added = pool["failover"]["added_first_token_p99_ms"]
+    mixed = pool["routing"]["mixed"]
+    time_ratio = mixed["pool"]["seconds"] / mixed["round_robin"]["seconds"]
+    scale = pool["scale"]["ratio"]
+    return [
+        _target(
+            "failover: added first-token p99 while one of two servers is down, ms",
+            added,
+            f"<= {FAILOVER_ADDED_P99_MAX_MS:g}",
+            added <= FAILOVER_ADDED_P99_MAX_MS,
+        ),
+        _target(
+            "model-aware routing, mixed models: model loads",
+            mixed["pool"]["model_loads"],
+            f"<= {ROUTED_LOADS_MAX}",
+            mixed["pool"]["model_loads"] <= ROUTED_LOADS_MAX,
+        ),
+        _target(
+            "model-aware routing, mixed models: total time / round-robin's",
+            time_ratio,
+            f"<= {ROUTED_TIME_RATIO_MAX}",
+            time_ratio <= ROUTED_TIME_RATIO_MAX,
+        ),
+        _target(
+            "two servers' tokens/s / one server's",
+            scale,
+            f">= {SCALE_RATIO_MIN}",
+            scale >= SCALE_RATIO_MIN,
+        ),
+    ]
+
+
+def _single_server_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     direct, service, hop = results["direct"], results["service"], results["amqp_hop"]
     two_hops = hop["request_latency_ms"]["p50"] + hop["reply_latency_ms"]["p50"]
     added_first_token = service["first_token_ms"]["p50"] - direct["first_token_ms"]["p50"]
@@ -102,6 +146,73 @@ def print_table(results: dict[str, Any]) -> None:
         f"\n{machine['cpu']}, {machine['cores']} cores, Python {machine['python']} "
         f"({machine['worker_event_loop']} in the worker), RabbitMQ {machine['rabbitmq']}\n"
     )
+    measurements = _single_server_rows(results) if "service" in results else []
+    if "pool" in results:
+        measurements += _pool_rows(results["pool"])
+    _print_rows(("measurement", "value"), measurements)
+    print()
+    _print_rows(
+        ("target", "measured", "wanted", "met"),
+        [
+            (row["target"], f"{row['measured']:.3g}", row["wanted"], "yes" if row["met"] else "NO")
+            for row in results["targets"]
+        ],
+    )
+
+
+def _pool_rows(pool: dict[str, Any]) -> list[tuple[str, str]]:
+    failover, routing, scale = pool["failover"], pool["routing"], pool["scale"]
+    rows = [
+        (
+            f"failover, {failover['requesters']} requesters: first token p50 / p99, both up",
+            _ms_pair(failover["first_token_ms_both_up"]),
+        ),
+        (
+            "failover: first token p50 / p99, both up again (nothing changed)",
+            _ms_pair(failover["first_token_ms_both_up_again"]),
+        ),
+        (
+            "failover: first token p50 / p99, the server that had the traffic killed",
+            _ms_pair(failover["first_token_ms_one_down"]),
+        ),
+        (
+            "failover: first-token p99 change, nothing changed / one server killed",
+            f"{failover['unchanged_first_token_p99_ms']:+.1f} / "
+            f"{failover['added_first_token_p99_ms']:+.1f} ms",
+        ),
+        (
+            "failover: requests before the kill (on the killed server), cut off by it",
+            f"{failover['requests_before']} ({failover['answered_by_the_killed_server_before']})"
+            f", {failover['cut_off_by_the_kill']}",
+        ),
+        (
+            "failover: requests after the kill, failed",
+            f"{failover['requests_after']}, {failover['failed_after_the_kill']}",
+        ),
+    ]
+    for order in ("alternating", "mixed"):
+        routed = routing[order]
+        rows.append(
+            (
+                f"{routing['requests']} requests, two models {order}, one loaded per server, "
+                f"{routing['load_time_s']:g} s loads: loads and time, pool / round-robin",
+                f"{routed['pool']['model_loads']} in {routed['pool']['seconds']:.2f} s / "
+                f"{routed['round_robin']['model_loads']} in "
+                f"{routed['round_robin']['seconds']:.2f} s",
+            )
+        )
+    rows.append(
+        (
+            f"{scale['streams']} paced streams, {scale['parallel_per_server']} per server: "
+            "tokens/s, one server / two",
+            f"{scale['one_server_tokens_per_second']:,.0f} / "
+            f"{scale['two_servers_tokens_per_second']:,.0f}",
+        )
+    )
+    return rows
+
+
+def _single_server_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
     direct, service, hop = results["direct"], results["service"], results["amqp_hop"]
     gateway, scale, rss = results["gateway"], results["scale"], results["rss"]
     params = results["parameters"]
@@ -183,15 +294,7 @@ def print_table(results: dict[str, Any]) -> None:
             " KB",
         )
     )
-    _print_rows(("measurement", "value"), measurements)
-    print()
-    _print_rows(
-        ("target", "measured", "wanted", "met"),
-        [
-            (row["target"], f"{row['measured']:.3g}", row["wanted"], "yes" if row["met"] else "NO")
-            for row in results["targets"]
-        ],
-    )
+    return measurements
 
 
 def _difference(summary: dict[str, float], baseline: dict[str, float]) -> dict[str, float]:

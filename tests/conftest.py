@@ -20,7 +20,7 @@ import pytest
 from redis import Redis
 
 from chatbus.settings import Settings
-from chatbus.testing import FakeOllama, running_worker
+from chatbus.testing import Behaviour, FakeOllama, running_worker
 from tests.gateway_support import Gateway, running_gateway
 from tests.support import Requester
 
@@ -86,6 +86,16 @@ async def fake_ollama() -> AsyncIterator[FakeOllama]:
         yield fake
 
 
+@pytest.fixture
+async def two_ollamas() -> AsyncIterator[tuple[FakeOllama, FakeOllama]]:
+    """Two fake Ollama servers of the test's own, each with the model "m"."""
+    async with (
+        FakeOllama(models={"m": Behaviour()}) as first,
+        FakeOllama(models={"m": Behaviour()}) as second,
+    ):
+        yield first, second
+
+
 @pytest.fixture(scope="session")
 async def amqp(rabbitmq_url: str) -> AsyncIterator[aio_pika.abc.AbstractRobustConnection]:
     connection = await aio_pika.connect_robust(rabbitmq_url, reconnect_interval=0.5)
@@ -116,6 +126,9 @@ async def make_settings(
             "total_timeout": 20.0,
             "retry_budget": 1.0,
             "retry_initial_backoff": 0.05,
+            # A circuit opened by one test's failing model closes within the next one's
+            # retry budget.
+            "ollama_cooldown": 0.2,
             "flush_window": 0.0,
             "graceful_timeout": 5.0,
             "reconnect_interval": 0.5,

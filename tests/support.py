@@ -8,16 +8,21 @@ import re
 import shutil
 import socket
 import sys
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Self
 
 import aio_pika
+import httpx
+import ollama
 import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from prometheus_client.parser import text_string_to_metric_families
 
+from chatbus.service import WorkerApp
 from chatbus.settings import Settings
 from chatbus.testing import Behaviour, FakeOllama, settings_env
 
@@ -200,6 +205,12 @@ def model(fake: FakeOllama, **behaviour: Any) -> str:
     return name
 
 
+async def preload(fake: FakeOllama, model: str = "m") -> None:
+    """Load the model, as Ollama's docs do it: a chat without messages."""
+    async with ollama.AsyncClient(host=fake.url) as client:
+        await client.chat(model, [])
+
+
 def requests_for(fake: FakeOllama, model_name: str) -> int:
     return sum(1 for r in fake.requests if r.get("model") == model_name)
 
@@ -269,3 +280,39 @@ def healthcheck_command() -> list[str]:
     assert match, "no HEALTHCHECK in exec form"
     command: list[str] = json.loads(match.group(1))
     return command
+
+
+# --- the worker's HTTP side channel -----------------------------------------------------
+
+
+@asynccontextmanager
+async def http(app: WorkerApp) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://worker"
+    ) as client:
+        yield client
+
+
+async def until(
+    condition: Callable[[], Awaitable[bool]], timeout: float = 15.0, what: str = ""
+) -> None:
+    """Poll `condition` until it holds; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not await condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {timeout}s: {what}")
+        await asyncio.sleep(0.05)
+
+
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(
+    metrics: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
+) -> float:
+    return metrics.get((name, frozenset(labels.items())), 0.0)

@@ -189,16 +189,18 @@ async def test_chat_keeps_the_history_and_obeys_commands(
     run: Callable[..., Any], fake_ollama: FakeOllama
 ) -> None:
     first, second, third = (f"{word} {uuid.uuid4().hex}" for word in ("one", "two", "three"))
+    # Listed by the fake, yet not found: the failed turn reaches it, so its history shows.
+    missing = model(fake_ollama, status=404)
     code, out, err = await run(
         "chat",
         "--system",
         "Be brief.",
-        stdin=f"{first}\n/model no-such-model\n{second}\n/model llama3.2\n/reset\n{third}\n",
+        stdin=f"{first}\n/model {missing}\n{second}\n/model llama3.2\n/reset\n{third}\n",
     )
 
     assert code == 0, err
     assert out == f"{ANSWER}\n{ANSWER}\n"
-    assert 'chatbus: model_not_found: model "no-such-model"' in err
+    assert f'chatbus: model_not_found: model "{missing}"' in err
     assert "(history cleared)" in err
     contents = [[m["content"] for m in r["messages"]] for r in fake_ollama.requests]
     assert ["Be brief.", first] in contents

@@ -415,12 +415,134 @@ async def test_concurrent_streams_are_counted(fake: FakeOllama, client: ollama.A
         "aborted_streams": 0,
         "errored_streams": 0,
         "connections_opened": 0,
+        "model_loads": 0,
+        "model_unloads": 0,
     }
 
 
 async def test_wait_for_times_out(fake: FakeOllama) -> None:
     with pytest.raises(TimeoutError, match="aborted_streams"):
         await fake.wait_aborted(timeout=0.05)
+
+
+# ----------------------------------------------------------------------------- loaded models
+
+
+async def loaded(client: ollama.AsyncClient) -> list[str]:
+    return [model.model or "" for model in (await client.ps()).models]
+
+
+async def test_models_available_per_server() -> None:
+    async with (
+        FakeOllama(models={"a": Behaviour(), "b:7b": Behaviour()}) as first,
+        FakeOllama(models={"c": Behaviour()}) as second,
+    ):
+        one = ollama.AsyncClient(host=first.url, timeout=httpx.Timeout(5.0))
+        two = ollama.AsyncClient(host=second.url, timeout=httpx.Timeout(5.0))
+        assert [m.model for m in (await one.list()).models] == ["a:latest", "b:7b"]
+        assert [m.model for m in (await two.list()).models] == ["c:latest"]
+        assert (await one.chat("b:7b", MESSAGES)).done is True
+        with pytest.raises(ollama.ResponseError) as info:
+            await two.chat("a", MESSAGES)
+        assert info.value.status_code == 404
+        await close_client(one)
+        await close_client(two)
+
+
+async def test_a_model_not_loaded_is_loaded_once(
+    fake: FakeOllama, client: ollama.AsyncClient
+) -> None:
+    fake.load_time = 0.2
+    assert await loaded(client) == []
+
+    first = await client.chat("llama3.2", MESSAGES)
+    assert first.load_duration is not None
+    assert first.load_duration >= 200_000_000
+    assert await loaded(client) == ["llama3.2:latest"]
+    second = await client.chat("llama3.2", MESSAGES)
+    assert second.load_duration is not None
+    assert second.load_duration < 200_000_000
+    assert (fake.model_loads, fake.model_unloads) == (1, 0)
+
+
+async def test_concurrent_requests_share_one_load(
+    fake: FakeOllama, client: ollama.AsyncClient
+) -> None:
+    fake.load_time = 0.1
+
+    answers = await asyncio.gather(*(client.chat("llama3.2", MESSAGES) for _ in range(5)))
+
+    assert all(answer.done for answer in answers)
+    assert fake.model_loads == 1
+
+
+async def test_max_loaded_models_unloads_the_least_recently_used(
+    fake: FakeOllama, client: ollama.AsyncClient
+) -> None:
+    fake.models.update({"a": Behaviour(), "b": Behaviour(), "c": Behaviour()})
+    fake.max_loaded_models = 2
+
+    for model in ("a", "b", "a", "c"):
+        await client.chat(model, MESSAGES)
+    assert await loaded(client) == ["c:latest", "a:latest"]
+    assert fake.loaded_models() == ["c:latest", "a:latest"]
+    assert (fake.model_loads, fake.model_unloads) == (3, 1)
+
+    await client.chat("b", MESSAGES)
+    assert await loaded(client) == ["b:latest", "c:latest"]
+    assert fake.stats()["model_loads"] == 4
+    assert fake.stats()["model_unloads"] == 2
+
+
+async def test_a_swap_waits_for_the_requests_using_the_model(
+    fake: FakeOllama, client: ollama.AsyncClient
+) -> None:
+    fake.models["a"] = Behaviour(tokens=["x"] * 4, token_delay=0.05)
+    fake.models["b"] = Behaviour()
+    fake.max_loaded_models = 1
+    events: list[str] = []
+
+    async def read(model: str) -> None:
+        async for part in await client.chat(model, MESSAGES, stream=True):
+            if part.done:
+                events.append(f"{model} done")
+            elif f"{model} first" not in events:
+                events.append(f"{model} first")
+
+    running = asyncio.create_task(read("a"))
+    await fake.wait_for(lambda: fake.active_streams == 1)
+    await read("b")
+    await running
+
+    assert events == ["a first", "a done", "b first", "b done"]
+    assert (fake.model_loads, fake.model_unloads) == (2, 1)
+
+
+async def test_keep_alive_zero_unloads_after_the_request(
+    fake: FakeOllama, client: ollama.AsyncClient
+) -> None:
+    await client.chat("llama3.2", MESSAGES, keep_alive=0)
+    assert await loaded(client) == []
+    assert (fake.model_loads, fake.model_unloads) == (1, 1)
+
+    await client.chat("llama3.2", [])  # preload, as Ollama's docs show it
+    assert await loaded(client) == ["llama3.2:latest"]
+    await client.chat("llama3.2", [], keep_alive=0)
+    assert await loaded(client) == []
+    assert (fake.model_loads, fake.model_unloads) == (2, 2)
+
+
+async def test_a_load_goes_on_when_the_request_gives_up(fake: FakeOllama) -> None:
+    fake.load_time = 0.5
+    impatient = ollama.AsyncClient(host=fake.url, timeout=httpx.Timeout(5.0, read=0.1))
+
+    with pytest.raises(httpx.ReadTimeout):
+        await impatient.chat("llama3.2", MESSAGES)
+    await fake.wait_aborted()
+    assert fake.model_loads == 0
+    await fake.wait_for(lambda: fake.model_loads == 1)
+    assert fake.loaded_models() == ["llama3.2:latest"]
+    await close_client(impatient)
 
 
 # ----------------------------------------------------------------------------- other endpoints
@@ -486,32 +608,53 @@ async def test_raw_pipelined_requests_and_chunked_body(fake: FakeOllama) -> None
     assert data.endswith(b"Ollama is running")
 
 
-async def test_module_entry_point() -> None:
+@contextlib.asynccontextmanager
+async def fake_process(*arguments: str) -> AsyncIterator[tuple[str, asyncio.StreamReader]]:
+    """`python -m chatbus.testing.fake_ollama ARGUMENTS`: its URL, then the rest of its
+    output. Leaving the block stops it with SIGTERM, and expects it to exit 0."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "chatbus.testing.fake_ollama",
-        "--port",
-        "0",
-        "--tokens",
-        "3",
-        "--model",
-        "m1",
-        "--model",
-        "m2",
+        *arguments,
         stdout=asyncio.subprocess.PIPE,
     )
     try:
         assert process.stdout is not None
         url = (await asyncio.wait_for(process.stdout.readline(), 10.0)).decode().strip()
-        assert url.startswith("http://127.0.0.1:")
-        client = ollama.AsyncClient(host=url, timeout=httpx.Timeout(5.0))
-        response = await client.chat("m2", MESSAGES)
-        await close_client(client)
-        assert response.eval_count == 3
+        yield url, process.stdout
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), 5.0) == 0
     finally:
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_module_entry_point_with_loads() -> None:
+    async with fake_process(
+        "--port=0", "--model=m1", "--model=m2", "--load-time=0.05", "--max-loaded-models=1"
+    ) as (url, output):
+        client = ollama.AsyncClient(host=url, timeout=httpx.Timeout(5.0))
+        first = await client.chat("m1", MESSAGES)
+        for model in ("m2", "m1"):
+            await client.chat(model, MESSAGES)
+        assert [m.model for m in (await client.ps()).models] == ["m1:latest"]
+        await close_client(client)
+    stats = json.loads(await asyncio.wait_for(output.readline(), 5.0))
+    assert first.load_duration is not None
+    assert first.load_duration >= 50_000_000
+    assert (stats["model_loads"], stats["model_unloads"]) == (3, 2)
+    assert stats["completed_streams"] == 3
+
+
+async def test_module_entry_point() -> None:
+    async with fake_process("--port", "0", "--tokens", "3", "--model", "m1", "--model", "m2") as (
+        url,
+        _,
+    ):
+        assert url.startswith("http://127.0.0.1:")
+        client = ollama.AsyncClient(host=url, timeout=httpx.Timeout(5.0))
+        response = await client.chat("m2", MESSAGES)
+        await close_client(client)
+        assert response.eval_count == 3

@@ -24,8 +24,7 @@ from chatbus.settings import Settings
 from chatbus.testing import FakeOllama, running_worker, settings_env
 from chatbus.testing.fake_ollama import DEFAULT_TOKENS
 from tests.gateway_support import Gateway, gateway_settings, running_gateway
-from tests.support import REPO_ROOT, model
-from tests.test_ops_http import samples, value
+from tests.support import REPO_ROOT, model, samples, value
 from tests.test_readme import readme_python_block
 
 ANSWER = "".join(DEFAULT_TOKENS)

@@ -1,12 +1,12 @@
-"""`Generation` on its own: the fake Ollama, the real `ollama` client made as the worker makes
-it, and a sink that keeps the chunks in a list. How tokens become chunks, what the completion
-reports, and how each timeout, failure and cancel ends a generation."""
+"""`Generation` on its own: the fake Ollama behind a pool of one server, the real `ollama`
+client made as the worker makes it, and a sink that keeps the chunks in a list. How tokens
+become chunks, what the completion reports, and how each timeout, failure and cancel ends a
+generation. (Failover between servers: tests/test_pool_worker.py.)"""
 
 import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-import ollama
 import pytest
 
 from chatbus.contract import ChatRequest, ToolCall
@@ -21,6 +21,7 @@ from chatbus.errors import (
 )
 from chatbus.generation import Generation
 from chatbus.instruments import NO_INSTRUMENTS
+from chatbus.pool import CallOutcome, OllamaPool, PoolOptions, parse_hosts
 from chatbus.replies import RequesterGone
 from chatbus.settings import Chunking, Retries, Timeouts
 from chatbus.testing import Behaviour, FakeOllama
@@ -97,11 +98,12 @@ class CountingInstruments:
 
 
 class Generations:
-    """Makes generations against one fake Ollama, each through a client of its own."""
+    """Makes generations against one fake Ollama, each through a pool of its own (not
+    started: no background checks, so it knows nothing of the fake but what calls tell)."""
 
     def __init__(self, fake: FakeOllama) -> None:
         self._fake = fake
-        self._clients: list[ollama.AsyncClient] = []
+        self.pools: list[OllamaPool] = []
 
     def make(
         self,
@@ -115,10 +117,14 @@ class Generations:
         deadline: float | None = None,
         instruments: CountingInstruments | None = None,
     ) -> Generation:
-        client = create_ollama_client(self._fake.url, timeouts, connections=2)
-        self._clients.append(client)
+        pool = OllamaPool(
+            parse_hosts(self._fake.url, default_parallel=1),
+            lambda server: create_ollama_client(server.base_url, timeouts, connections=2),
+            PoolOptions(),
+        )
+        self.pools.append(pool)
         return Generation(
-            client,
+            pool,
             request,
             model,
             timeouts=timeouts,
@@ -130,8 +136,8 @@ class Generations:
         )
 
     async def aclose(self) -> None:
-        for client in self._clients:
-            await client.close()  # type: ignore[no-untyped-call]  # unannotated in ollama 0.6.3
+        for pool in self.pools:
+            await pool.close()
 
 
 @pytest.fixture
@@ -262,7 +268,7 @@ async def test_num_predict_is_capped_when_the_request_sets_none(
 
 async def test_the_completion_reports_usage_and_timings(generations: Generations) -> None:
     generation = generations.make()
-    assert generation.log_timings() == {}
+    assert generation.log_fields() == {}
 
     completion = await generation.run(ListSink())
 
@@ -273,7 +279,9 @@ async def test_the_completion_reports_usage_and_timings(generations: Generations
     assert all(isinstance(ns, int) and ns > 0 for ns in timings.values()), timings
     parts = ("load_duration", "prompt_eval_duration", "eval_duration")
     assert timings["total_duration"] >= sum(timings[part] for part in parts)
-    assert generation.log_timings()["first_token_ms"] >= 0
+    fields = generation.log_fields()
+    assert fields["first_token_ms"] >= 0
+    assert fields["server"] == completion.server == generations.pools[0].statuses()[0].id
 
 
 # ----------------------------------------------------------------------------- faults
@@ -496,14 +504,35 @@ async def test_cancel_ends_the_wait_between_retries(
     )
     running = asyncio.create_task(generation.run(ListSink()))
 
+    # Its call failed and left the pool: it waits out the backoff.
+    (pool,) = generations.pools
     async with asyncio.timeout(5.0):
-        await instruments.retried.wait()
+        while pool.statuses()[0].calls.get(CallOutcome.FAILED) != 1:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
     generation.cancel()
     async with asyncio.timeout(5.0):
         completion = await running
 
     assert completion.done_reason == "cancelled"
     assert len(fake.requests) == 1
+
+
+async def test_cancel_while_waiting_for_a_free_server(
+    fake: FakeOllama, generations: Generations
+) -> None:
+    generation = generations.make()
+    (pool,) = generations.pools
+    async with pool.lease("llama3.2"):  # the server's one slot
+        running = asyncio.create_task(generation.run(ListSink()))
+        async with asyncio.timeout(5.0):
+            while pool.waiting != 1:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        generation.cancel()
+        async with asyncio.timeout(5.0):
+            completion = await running
+
+    assert completion.done_reason == "cancelled"
+    assert fake.requests == []
 
 
 async def test_a_sink_that_raises_stops_the_generation_and_closes_the_stream(

@@ -25,7 +25,7 @@ from tests.support import REPO_ROOT, healthcheck_command, node_with
 
 VENV_BIN = Path(sys.executable).parent
 ASYNCAPI = REPO_ROOT / "docs" / "asyncapi.yaml"
-COMPOSE_FILES = ["docker-compose.yml", "docker-compose.gpu.yml"]
+COMPOSE_FILES = ["docker-compose.yml", "docker-compose.gpu.yml", "docker-compose.two-gpus.yml"]
 
 
 def run(*command: str | Path, **options: Any) -> subprocess.CompletedProcess[str]:
@@ -82,6 +82,35 @@ def test_the_gpu_override_reserves_gpus_for_ollama() -> None:
     devices = override["services"]["ollama"]["deploy"]["resources"]["reservations"]["devices"]
 
     assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
+
+
+def test_the_two_gpus_override_points_the_worker_at_both_ollamas() -> None:
+    base = compose()["services"]
+    override = yaml.safe_load((REPO_ROOT / "docker-compose.two-gpus.yml").read_text())
+    services = override["services"]
+    worker = services["worker"]
+
+    hosts = Settings(ollama_hosts=worker["environment"]["OLLAMA_HOSTS"]).ollama_servers
+    assert [server.id for server in hosts] == ["ollama:11434", "ollama-2:11434"]
+    # The worker sends each server as many generations as the server runs at once.
+    parallel = {
+        services[name]["environment"]["OLLAMA_NUM_PARALLEL"] for name in ("ollama", "ollama-2")
+    }
+    assert parallel == {worker["environment"]["OLLAMA_NUM_PARALLEL"]}
+    assert set(worker["environment"]) <= {name.upper() for name in Settings.model_fields}
+    assert worker["depends_on"] == {"ollama-2": {"condition": "service_healthy"}}
+    # The second server is the first one again, on its own GPU, with the same models.
+    second = services["ollama-2"]
+    assert (second["image"], second["volumes"]) == (
+        base["ollama"]["image"],
+        base["ollama"]["volumes"],
+    )
+    assert second["healthcheck"] == base["ollama"]["healthcheck"]
+    gpus = [
+        services[name]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"]
+        for name in ("ollama", "ollama-2")
+    ]
+    assert gpus == [["0"], ["1"]]
 
 
 def test_dockerfile_passes_hadolint() -> None:

@@ -5,41 +5,17 @@ httpx's ASGI transport, as uvicorn would call it.
 """
 
 import asyncio
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from typing import Any
 
 import httpx
-import pytest
 from aio_pika.abc import AbstractRobustConnection
-from prometheus_client.parser import text_string_to_metric_families
 
-from broker import WorkerApp
 from chatbus.settings import Settings
 from chatbus.testing import Behaviour, FakeOllama, running_worker
 from chatbus.testing.fake_ollama import DEFAULT_TOKENS
-from tests.support import Requester, user
-
-
-@asynccontextmanager
-async def http(app: WorkerApp) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://worker"
-    ) as client:
-        yield client
-
-
-async def until(
-    condition: Callable[[], Awaitable[bool]], timeout: float = 15.0, what: str = ""
-) -> None:
-    """Poll `condition` until it holds; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not await condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {timeout}s: {what}")
-        await asyncio.sleep(0.05)
+from tests.support import Requester, http, samples, until, user, value
 
 
 async def readiness(client: httpx.AsyncClient) -> tuple[int, dict[str, Any]]:
@@ -109,7 +85,8 @@ async def test_liveness_does_not_depend_on_rabbitmq_or_ollama(
     assert body["ready"] is False
     assert body["checks"]["rabbitmq"] == "ok"
     assert body["checks"]["consumers"] == "ok"
-    assert body["checks"]["ollama"].startswith("Ollama unreachable: ConnectError")
+    assert body["checks"]["ollama"].startswith("no Ollama server is healthy: 127.0.0.1:9: ")
+    assert body["ollama_servers"]["127.0.0.1:9"].startswith("Ollama unreachable: ConnectError")
 
 
 async def test_readiness_follows_ollama(make_settings: Callable[..., Settings]) -> None:
@@ -119,13 +96,17 @@ async def test_readiness_follows_ollama(make_settings: Callable[..., Settings]) 
         async with running_worker(settings) as app, http(app) as client:
             assert await readiness(client) == (
                 200,
-                {"ready": True, "checks": {"rabbitmq": "ok", "consumers": "ok", "ollama": "ok"}},
+                {
+                    "ready": True,
+                    "checks": {"rabbitmq": "ok", "consumers": "ok", "ollama": "ok"},
+                    "ollama_servers": {f"127.0.0.1:{port}": "ok"},
+                },
             )
 
             await ollama.stop()
             status, body = await readiness(client)
             assert status == 503
-            assert body["checks"]["ollama"].startswith("Ollama unreachable")
+            assert "Ollama unreachable" in body["checks"]["ollama"]
             assert body["checks"]["rabbitmq"] == body["checks"]["consumers"] == "ok"
 
             async with FakeOllama(port=port):
@@ -188,20 +169,6 @@ async def _status_is(client: httpx.AsyncClient, status: int) -> bool:
     return (await client.get("/readyz")).status_code == status
 
 
-def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def value(
-    metrics: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
-) -> float:
-    return metrics.get((name, frozenset(labels.items())), 0.0)
-
-
 async def test_metrics_count_requests_replies_tokens_and_latencies(
     make_settings: Callable[..., Settings],
     amqp: AbstractRobustConnection,
@@ -232,8 +199,8 @@ async def test_metrics_count_requests_replies_tokens_and_latencies(
     assert moved("chatbus_generated_tokens_total", model=busy) == len(DEFAULT_TOKENS)
     assert moved("chatbus_time_to_first_token_seconds_count", model="llama3.2") == 1
     assert moved("chatbus_ollama_response_seconds_count", outcome="answered") == 2
-    # The 404 and the first 503.
-    assert moved("chatbus_ollama_response_seconds_count", outcome="failed") == 2
+    # The first 503. (No call for the model the fake does not list: the worker knows.)
+    assert moved("chatbus_ollama_response_seconds_count", outcome="failed") == 1
     assert moved("chatbus_ollama_retries_total") == 1
     assert value(after, "chatbus_generations_in_flight") == 0
     # FastStream's own, labelled by queue or exchange: never by a request's routing key.

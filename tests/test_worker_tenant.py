@@ -13,9 +13,8 @@ from chatbus.intake import request_tenant
 from chatbus.observability import TenantLabels
 from chatbus.settings import Settings
 from chatbus.testing import running_worker
-from tests.support import Requester, user
+from tests.support import Requester, http, samples, user, value
 from tests.test_intake import delivered
-from tests.test_ops_http import http, samples, value
 
 
 @pytest.mark.parametrize(

@@ -1,29 +1,32 @@
-"""The models Ollama has, as the worker sees them: the answer to a `chat.models` request."""
-
-import ollama
+"""The models the worker's Ollama servers have: the answer to a `chat.models` request."""
 
 from chatbus.contract import ErrorReply, ModelInfo, ModelsReply
-from chatbus.errors import error_reply
-from chatbus.upstream import classify_upstream_error
+from chatbus.errors import UpstreamUnavailableError, error_reply
+from chatbus.pool import NoServerAvailable, OllamaPool, PooledModel
 
 __all__ = ["list_models"]
 
 _DETAILS = {"family", "parameter_size", "quantization_level"}
 
 
-async def list_models(client: ollama.AsyncClient, correlation_id: str) -> ModelsReply | ErrorReply:
+async def list_models(pool: OllamaPool, correlation_id: str) -> ModelsReply | ErrorReply:
+    """Every model of every server that answers, with which servers have it and have it
+    loaded; an `upstream_unavailable` error when none does."""
     try:
-        listing = await client.list()
-    except Exception as error:
-        failure, _ = classify_upstream_error(error, tokens_sent=False)
-        return error_reply(failure, correlation_id)
-    return ModelsReply(
-        correlation_id=correlation_id, models=[_model_info(model) for model in listing.models]
-    )
+        models = await pool.models()
+    except NoServerAvailable as error:
+        return error_reply(UpstreamUnavailableError(str(error), retryable=True), correlation_id)
+    return ModelsReply(correlation_id=correlation_id, models=[_model_info(m) for m in models])
 
 
-def _model_info(model: ollama.ListResponse.Model) -> ModelInfo:
-    details = model.details.model_dump(include=_DETAILS) if model.details else {}
+def _model_info(model: PooledModel) -> ModelInfo:
+    described = model.details
+    details = described.details.model_dump(include=_DETAILS) if described.details else {}
     return ModelInfo(
-        name=model.model or "", size=model.size, modified_at=model.modified_at, **details
+        name=model.name,
+        size=described.size,
+        modified_at=described.modified_at,
+        servers=list(model.servers),
+        loaded_on=list(model.loaded_on),
+        **details,
     )

@@ -233,6 +233,12 @@ class DoneReply(_Reply):
     message: AssistantMessage = Field(description="The whole assistant message.")
     usage: Usage
     timings: Timings
+    server: str | None = Field(
+        default=None,
+        description="The Ollama server that answered, as host:port (the worker may spread "
+        "its calls over several); absent when none was called, as for a request cancelled "
+        "before it started.",
+    )
 
 
 class ErrorReply(_Reply):
@@ -257,7 +263,7 @@ class CancelRequest(BaseModel):
 
 
 class ModelInfo(BaseModel):
-    """One model Ollama has, as its `/api/tags` lists it."""
+    """One model the worker's Ollama servers have, as their `/api/tags` lists it."""
 
     name: str = Field(description='Model name with its tag, e.g. "llama3.2:latest".')
     size: int | None = Field(default=None, description="Size on disk in bytes.")
@@ -265,6 +271,13 @@ class ModelInfo(BaseModel):
     family: str | None = None
     parameter_size: str | None = Field(default=None, description='e.g. "3.2B".')
     quantization_level: str | None = Field(default=None, description='e.g. "Q4_K_M".')
+    servers: list[str] | None = Field(
+        default=None, description="The Ollama servers (host:port) that have the model."
+    )
+    loaded_on: list[str] | None = Field(
+        default=None,
+        description="Those of them that have it loaded now: a request there starts without a load.",
+    )
 
 
 class ModelsReply(BaseModel):

@@ -3,6 +3,12 @@
 A reader task pulls Ollama's stream into an inbox; the generation loop waits on that inbox
 alone, so the first-token, idle and total timeouts, flushes and cancels are all one wait.
 Closing the reader closes the HTTP stream, which is the only way to make Ollama stop.
+
+Each call goes to a server the pool leases for it. A call that fails before its first token
+(unreachable, 5xx, busy, or 404 where another server has the model) is made again at once on
+the next server that can take it; only when every one has failed does the generation back
+off before the next round, all within the retry budget. After the first token nothing is
+made again: the requester has seen part of the answer.
 """
 
 import asyncio
@@ -15,8 +21,23 @@ from typing import Any
 import ollama
 
 from chatbus.contract import AssistantMessage, ChatRequest, Timings, ToolCall, Usage
-from chatbus.errors import ChatError, ChatTimeoutError, DeadlineExceededError, UpstreamError
+from chatbus.errors import (
+    ChatError,
+    ChatTimeoutError,
+    DeadlineExceededError,
+    ModelNotFoundError,
+    UpstreamError,
+    UpstreamUnavailableError,
+)
 from chatbus.instruments import NO_INSTRUMENTS, Instruments
+from chatbus.pool import (
+    Abandoned,
+    Lease,
+    ModelNotInPool,
+    NoFreeSlot,
+    NoServerAvailable,
+    OllamaPool,
+)
 from chatbus.replies import ChunkSink, Completion
 from chatbus.settings import Chunking, Retries, Timeouts
 from chatbus.upstream import classify_upstream_error
@@ -100,7 +121,7 @@ class Generation:
 
     def __init__(
         self,
-        client: ollama.AsyncClient,
+        pool: OllamaPool,
         request: ChatRequest,
         model: str,
         *,
@@ -112,7 +133,7 @@ class Generation:
         instruments: Instruments = NO_INSTRUMENTS,
     ) -> None:
         """`deadline` is the requester's, on the event loop's clock."""
-        self._client = client
+        self._pool = pool
         self._request = request
         self._model = model
         self._timeouts = timeouts
@@ -122,16 +143,25 @@ class Generation:
         self._deadline = deadline
         self._instruments = instruments
         self._inbox: asyncio.Queue[Any] = asyncio.Queue()
+        # Set too by a cancel, for the wait for a free server, where the inbox is not read.
+        self._cancelled = asyncio.Event()
         self._started = 0.0
         self._first_token_after: float | None = None
+        self.server: str | None = None
+        """The server of the latest call."""
 
-    def log_timings(self) -> dict[str, int]:
-        """The timings for the request's log line, in milliseconds."""
-        if self._first_token_after is None:
-            return {}
-        return {"first_token_ms": round(self._first_token_after * 1000)}
+    def log_fields(self) -> dict[str, Any]:
+        """For the request's log line: the server of the latest call and the time to the
+        first token, in milliseconds."""
+        fields: dict[str, Any] = {}
+        if self.server is not None:
+            fields["server"] = self.server
+        if self._first_token_after is not None:
+            fields["first_token_ms"] = round(self._first_token_after * 1000)
+        return fields
 
     def cancel(self) -> None:
+        self._cancelled.set()
         self._inbox.put_nowait(_Cancel())
 
     async def run(self, sink: ChunkSink) -> Completion:
@@ -151,29 +181,73 @@ class Generation:
             )
         retry_until = min(started + retries.budget, stop_at)
         backoff = retries.initial_backoff
+        tried: set[str] = set()
+        missing_on: set[str] = set()
+        failure: ChatError | None = None
         while True:
-            reader = asyncio.create_task(self._read())
             try:
-                return await self._consume(sink, stop_at, stop_failure)
+                return await self._call(sink, tried, stop_at, stop_failure)
             except _Retryable as retry:
-                delay = min(backoff, retries.max_backoff) * random.uniform(0.5, 1.0)
-                if loop.time() + delay > retry_until:
-                    raise retry.failure from None
-                self._instruments.retry()
-                backoff *= 2
-            finally:
-                reader.cancel()
-                await asyncio.wait([reader])
+                failure = retry.failure
+                tried.add(retry.server)
+                if isinstance(failure, ModelNotFoundError):
+                    missing_on.add(retry.server)
+                if loop.time() >= retry_until:
+                    raise failure from None
+                continue  # the next server, at once
+            except NoServerAvailable as unavailable:
+                # Every server that may have the model was asked, and none had it.
+                none_has_it = tried == missing_on and not unavailable.down
+                if isinstance(failure, ModelNotFoundError) and none_has_it:
+                    raise failure from None
+                failure = failure or UpstreamUnavailableError(str(unavailable), retryable=True)
+            except ModelNotInPool as missing:
+                raise ModelNotFoundError(str(missing), retryable=False) from None
+            except Abandoned:
+                return cancelled(self._model)
+            except NoFreeSlot as busy:
+                if loop.time() >= stop_at:
+                    raise stop_failure from None
+                message = f"no first token within {timeouts.first_token:g}s: {busy}"
+                raise ChatTimeoutError(message, retryable=True) from None
+            # Every server that can take the request failed: back off before the next round.
+            delay = min(backoff, retries.max_backoff) * random.uniform(0.5, 1.0)
+            if loop.time() + delay > retry_until:
+                raise failure
+            backoff *= 2
+            tried.clear()
+            missing_on.clear()
             with contextlib.suppress(TimeoutError):
                 cancel = await asyncio.wait_for(self._inbox.get(), delay)
                 if not isinstance(cancel, _Cancel):
                     raise AssertionError(f"only a cancel can arrive between attempts: {cancel!r}")
                 return cancelled(self._model)
 
-    async def _read(self) -> None:
+    async def _call(
+        self, sink: ChunkSink, tried: set[str], stop_at: float, stop_failure: ChatError
+    ) -> Completion:
+        """One call, on a server of the pool that has not been tried this round."""
+        wait_for_slot = min(self._timeouts.first_token, stop_at - asyncio.get_running_loop().time())
+        async with self._pool.lease(
+            self._model,
+            exclude=tried,
+            timeout=max(0.0, wait_for_slot),
+            abandon=self._cancelled,
+        ) as lease:
+            if self.server is not None:  # a call before this one failed
+                self._instruments.retry()
+            self.server = lease.server
+            reader = asyncio.create_task(self._read(lease.client))
+            try:
+                return await self._consume(sink, stop_at, stop_failure, lease)
+            finally:
+                reader.cancel()
+                await asyncio.wait([reader])
+
+    async def _read(self, client: ollama.AsyncClient) -> None:
         try:
             with self._instruments.ollama_call(self._model) as call:
-                stream: AsyncIterator[ollama.ChatResponse] = await self._client.chat(
+                stream: AsyncIterator[ollama.ChatResponse] = await client.chat(
                     **ollama_arguments(self._request, self._model, self._max_num_predict),
                     stream=True,
                 )
@@ -186,7 +260,7 @@ class Generation:
             self._inbox.put_nowait(error)
 
     async def _consume(
-        self, sink: ChunkSink, stop_at: float, stop_failure: ChatError
+        self, sink: ChunkSink, stop_at: float, stop_failure: ChatError, lease: Lease
     ) -> Completion:
         loop = asyncio.get_running_loop()
         flush_window, max_chars = self._chunking.flush_window, self._chunking.max_chars
@@ -210,6 +284,8 @@ class Generation:
                         await sink.chunk(*answer.take_unsent())
                         last_flush_at = loop.time()
                         continue
+                    if wait_failure is not stop_failure:  # the server's stall, not ours
+                        lease.failed(TimeoutError(wait_failure.message))
                     raise wait_failure from None
             else:
                 item = inbox.get_nowait()
@@ -218,13 +294,14 @@ class Generation:
                 parts_received += 1
                 last_part_at = loop.time()
                 if parts_received == 1:
+                    lease.answered()
                     self._first_token_after = last_part_at - self._started
                     self._instruments.first_token(self._model, self._first_token_after)
                 answer.add(item.message)
                 if item.done:
                     if answer.has_unsent():
                         await sink.chunk(*answer.take_unsent())
-                    return self._completion(item, answer.message())
+                    return self._completion(item, answer.message(), lease.server)
                 if (
                     parts_received == 1
                     or item.message.tool_calls
@@ -236,13 +313,17 @@ class Generation:
             elif isinstance(item, _Cancel):
                 if answer.has_unsent():
                     await sink.chunk(*answer.take_unsent())
-                return cancelled(self._model, answer.message(), parts_received)
+                return cancelled(self._model, answer.message(), parts_received, lease.server)
             elif isinstance(item, _StreamEnd):
-                raise UpstreamError("Ollama's stream ended without its final part", retryable=True)
+                message = "Ollama's stream ended without its final part"
+                lease.failed(ConnectionError(message))
+                raise UpstreamError(message, retryable=True)
             else:
+                lease.failed(item)
                 failure, retry = classify_upstream_error(item, tokens_sent=parts_received > 0)
-                if retry:
-                    raise _Retryable(failure)
+                # A 404 where another server may have the model is not the request's end.
+                if retry or (isinstance(failure, ModelNotFoundError) and not parts_received):
+                    raise _Retryable(failure, lease.server)
                 raise failure
 
     def _wait_limit(
@@ -262,7 +343,9 @@ class Generation:
             )
         return (stop_at, stop_failure) if stop_at < limit else (limit, failure)
 
-    def _completion(self, final: ollama.ChatResponse, message: AssistantMessage) -> Completion:
+    def _completion(
+        self, final: ollama.ChatResponse, message: AssistantMessage, server: str
+    ) -> Completion:
         return Completion(
             done_reason=final.done_reason or "stop",
             model=final.model or self._model,
@@ -277,10 +360,16 @@ class Generation:
                 prompt_eval_duration=final.prompt_eval_duration,
                 eval_duration=final.eval_duration,
             ),
+            server=server,
         )
 
 
-def cancelled(model: str, message: AssistantMessage | None = None, parts: int = 0) -> Completion:
+def cancelled(
+    model: str,
+    message: AssistantMessage | None = None,
+    parts: int = 0,
+    server: str | None = None,
+) -> Completion:
     """The completion of a cancelled generation. Ollama reports no counts for a stream we
     closed, so the completion tokens are the parts received."""
     return Completion(
@@ -289,12 +378,15 @@ def cancelled(model: str, message: AssistantMessage | None = None, parts: int = 
         message=message or AssistantMessage(),
         usage=Usage(prompt_tokens=0, completion_tokens=parts),
         timings=Timings(),
+        server=server,
     )
 
 
 class _Retryable(Exception):
-    """The call failed before its first token in a way that calling again may mend."""
+    """The call failed before its first token in a way that calling again (another server,
+    or the same one later) may mend."""
 
-    def __init__(self, failure: ChatError) -> None:
+    def __init__(self, failure: ChatError, server: str) -> None:
         super().__init__(str(failure))
         self.failure = failure
+        self.server = server

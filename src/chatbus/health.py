@@ -6,10 +6,8 @@ now, and which check failed when it cannot.
 """
 
 import asyncio
-import time
 
 import aiormq
-import httpx
 from aio_pika import RobustQueue
 from faststream.asgi import AsgiResponse, get
 from faststream.asgi.handlers import GetHandler
@@ -18,6 +16,8 @@ from faststream.asgi.types import Scope
 from faststream.rabbit import RabbitBroker
 from faststream.rabbit.subscriber import RabbitSubscriber
 
+from chatbus.pool import OllamaPool
+
 __all__ = ["OK", "Readiness", "liveness_endpoint", "readiness_endpoint"]
 
 OK = "ok"
@@ -25,23 +25,23 @@ OK = "ok"
 
 class Readiness:
     """Ready when the broker connection is up, every subscriber of the broker is consuming,
-    and Ollama answers `/api/version`. Ollama's answer is kept for `ollama_cache_seconds`,
-    so that probes of many workers do not add up to load on it."""
+    and at least one Ollama server of the pool is healthy (it answers `/api/version` and its
+    circuit is not open). The pool checks its servers in the background; a probe asks them
+    again only when their last check is older than `ollama_cache_seconds`, so that probes of
+    many workers do not add up to load on them."""
 
     def __init__(
         self,
         broker: RabbitBroker,
-        ollama_host: str,
+        pool: OllamaPool,
         *,
         timeout: float,
         ollama_cache_seconds: float,
     ) -> None:
         self._broker = broker
+        self._pool = pool
         self._timeout = timeout
-        self._http = httpx.AsyncClient(base_url=ollama_host, timeout=timeout)
         self._ollama_cache_seconds = ollama_cache_seconds
-        self._ollama_result: tuple[float, str] | None = None
-        self._ollama_lock = asyncio.Lock()
         self.connecting = False
         """True while the worker waits for RabbitMQ to answer at start-up."""
 
@@ -52,8 +52,12 @@ class Readiness:
         )
         return {"rabbitmq": rabbitmq, "consumers": consumers, "ollama": ollama}
 
-    async def close(self) -> None:
-        await self._http.aclose()
+    def ollama_servers(self) -> dict[str, str]:
+        """Each server of the pool: `"ok"`, or what is wrong with it."""
+        return {
+            status.id: OK if status.healthy and status.problem is None else str(status.problem)
+            for status in self._pool.statuses()
+        }
 
     async def _rabbitmq(self) -> str:
         if self.connecting:
@@ -70,22 +74,12 @@ class Readiness:
         return f"not consuming from {', '.join(idle)}" if idle else OK
 
     async def _ollama(self) -> str:
-        async with self._ollama_lock:
-            now = time.monotonic()
-            if self._ollama_result is None or now - self._ollama_result[0] >= (
-                self._ollama_cache_seconds
-            ):
-                self._ollama_result = (now, await self._ask_ollama())
-            return self._ollama_result[1]
-
-    async def _ask_ollama(self) -> str:
-        try:
-            response = await self._http.get("/api/version")
-        except httpx.HTTPError as error:
-            return f"Ollama unreachable: {type(error).__name__}: {error}"
-        if response.status_code != 200:
-            return f"Ollama answered /api/version with {response.status_code}"
-        return OK
+        await self._pool.refresh(self._ollama_cache_seconds)
+        statuses = self._pool.statuses()
+        if any(status.healthy for status in statuses):
+            return OK
+        problems = "; ".join(f"{status.id}: {status.problem}" for status in statuses)
+        return f"no Ollama server is healthy: {problems}"
 
 
 def _consumer_of(subscriber: RabbitSubscriber) -> tuple[RobustQueue | None, str | None]:
@@ -128,6 +122,7 @@ def readiness_endpoint(readiness: Readiness) -> GetHandler:
     async def readyz(scope: Scope) -> AsgiResponse:
         checks = await readiness.check()
         ready = all(result == OK for result in checks.values())
-        return JSONResponse({"ready": ready, "checks": checks}, 200 if ready else 503)
+        body = {"ready": ready, "checks": checks, "ollama_servers": readiness.ollama_servers()}
+        return JSONResponse(body, 200 if ready else 503)
 
     return readyz

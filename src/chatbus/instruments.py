@@ -36,7 +36,8 @@ class Instruments(Protocol):
         (retries included)."""
 
     def retry(self) -> None:
-        """An unavailable Ollama is called again."""
+        """A call is made again after one that failed before its first token: on the next
+        server at once, or after the backoff."""
 
     def terminal_reply(self, reply: TerminalReply) -> None:
         """A request's terminal reply was published (and confirmed)."""

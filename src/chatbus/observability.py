@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -36,9 +36,12 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from chatbus.contract import DoneReply, TerminalReply
 from chatbus.instruments import OllamaCall
+from chatbus.pool import CallOutcome, CircuitState, OllamaPool
 from chatbus.settings import LogFormat
 
 # Seconds; from a warm model's first token to a cold load of a large one.
@@ -192,6 +195,58 @@ class _TimedCall:
         if not self._observed:
             self._observed = True
             self._histogram.labels(outcome).observe(time.perf_counter() - self._started)
+
+
+class PoolCollector(Collector):
+    """The pool's servers, read from the pool at each scrape: labelled by server (host:port),
+    a handful of values per worker."""
+
+    def __init__(self, pool: OllamaPool) -> None:
+        self._pool = pool
+
+    def collect(self) -> Iterable[Metric]:
+        statuses = self._pool.statuses()
+        in_flight = GaugeMetricFamily(
+            "chatbus_ollama_server_in_flight",
+            "Calls this worker has running on the server.",
+            labels=["server"],
+        )
+        capacity = GaugeMetricFamily(
+            "chatbus_ollama_server_capacity",
+            "Calls this worker runs on the server at most (its parallel).",
+            labels=["server"],
+        )
+        circuit = GaugeMetricFamily(
+            "chatbus_ollama_server_circuit",
+            "The server's circuit breaker: 1 for its state (closed, open, half_open).",
+            labels=["server", "state"],
+        )
+        calls = CounterMetricFamily(
+            "chatbus_ollama_server_calls",
+            "Chat calls to the server, by outcome: answered, failed (the server's failure), "
+            "model_failed (the model's runner failed), model_missing (404), rejected (another "
+            "4xx), abandoned (ended by the worker before any answer).",
+            labels=["server", "outcome"],
+        )
+        loads = CounterMetricFamily(
+            "chatbus_ollama_server_model_loads",
+            "Calls this worker sent to the server for a model it did not have loaded.",
+            labels=["server"],
+        )
+        for status in statuses:
+            in_flight.add_metric([status.id], status.in_flight)
+            capacity.add_metric([status.id], status.capacity)
+            for state in CircuitState:
+                circuit.add_metric([status.id, state.value], float(status.circuit is state))
+            for outcome in CallOutcome:
+                calls.add_metric([status.id, outcome.value], status.calls.get(outcome, 0))
+            loads.add_metric([status.id], status.loads_caused)
+        waiting = GaugeMetricFamily(
+            "chatbus_ollama_waiting_for_a_server",
+            "Requests waiting for a free slot on a server that has their model.",
+            value=self._pool.waiting,
+        )
+        return [in_flight, capacity, circuit, calls, loads, waiting]
 
 
 def metrics_registry() -> CollectorRegistry:

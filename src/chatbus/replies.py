@@ -67,6 +67,8 @@ class Completion:
     message: AssistantMessage
     usage: Usage
     timings: Timings
+    server: str | None = None
+    """The Ollama server that answered (its short id)."""
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,7 @@ class ReplyPublisher:
                 message=completion.message,
                 usage=completion.usage,
                 timings=completion.timings,
+                server=completion.server,
             )
         )
 

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import ollama
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 from aiormq.exceptions import ChannelPreconditionFailed
 from faststream import AckPolicy
@@ -33,6 +34,7 @@ from chatbus.contract import CancelRequest, ContractNames, ErrorReply, ModelsRep
 from chatbus.failover import ConfigurationError, FailoverRabbitBroker, addresses, joined
 from chatbus.health import Readiness, liveness_endpoint, readiness_endpoint
 from chatbus.observability import (
+    PoolCollector,
     ServiceInstruments,
     configure_logging,
     metrics_registry,
@@ -40,6 +42,7 @@ from chatbus.observability import (
     prometheus_middleware,
     telemetry_middleware,
 )
+from chatbus.pool import OllamaPool, ServerSpec
 from chatbus.settings import Settings, settings_problems
 from chatbus.startup import refusal, until_rabbitmq_answers
 from chatbus.upstream import create_ollama_client
@@ -225,17 +228,22 @@ def create_app(settings: Settings) -> WorkerApp:
         specification_url="amqp://localhost:5672/",
     )
     names = settings.names
-    # A connection for each generation the worker runs at once, and one for listing models.
-    client = create_ollama_client(settings.ollama_host, settings.timeouts, settings.prefetch + 1)
+
+    def client_for(server: ServerSpec) -> ollama.AsyncClient:
+        # A connection for each call the pool runs there at once, and one for its checks.
+        return create_ollama_client(server.base_url, settings.timeouts, server.parallel + 1)
+
+    pool = OllamaPool(settings.ollama_servers, client_for, settings.pool)
+    registry.register(PoolCollector(pool))
     instruments = ServiceInstruments(
         registry,
         tracer_provider.get_tracer("chatbus") if tracer_provider else trace.NoOpTracer(),
     )
-    worker = ChatWorker(broker, client, settings, instruments)
+    worker = ChatWorker(broker, pool, settings, instruments)
     instruments.watch_in_flight(lambda: worker.in_flight)
     readiness = Readiness(
         broker,
-        settings.ollama_host,
+        pool,
         timeout=settings.ready_timeout,
         ollama_cache_seconds=settings.ready_ollama_cache_seconds,
     )
@@ -268,7 +276,7 @@ def create_app(settings: Settings) -> WorkerApp:
         topology.models_queue(names), decoder=_keep_body_raw, title=names.models_queue
     )
     async def handle_models_request(message: RabbitMessage) -> ModelsReply | ErrorReply:
-        return await list_models(client, message.correlation_id)
+        return await list_models(pool, message.correlation_id)
 
     async def declare_topology() -> None:
         # Declared before consuming starts: requesters bind to the replies exchange, and
@@ -295,10 +303,13 @@ def create_app(settings: Settings) -> WorkerApp:
         logger=logging.getLogger("chatbus.app"),
     )
 
+    @app.on_startup
+    async def start_pool() -> None:
+        await pool.start()
+
     @app.after_shutdown
-    async def close_ollama_client() -> None:
-        await client.close()  # type: ignore[no-untyped-call]
-        await readiness.close()
+    async def close_ollama_pool() -> None:
+        await pool.close()
         if tracer_provider:
             # Sends the spans still batched.
             tracer_provider.shutdown()

@@ -10,14 +10,15 @@ objects below, whose class attributes are the defaults.
 import os
 import socket
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Self
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from yarl import URL
 
 from chatbus.contract import NAMES, ContractNames
+from chatbus.pool import PoolOptions, ServerSpec, parse_hosts, pool_servers
 
 __all__ = [
     "DEFAULT_RABBITMQ_URL",
@@ -191,6 +192,30 @@ class Settings(BusSettings, RequestLimitSettings):
     """The worker's settings."""
 
     ollama_host: str = Field(default="http://localhost:11434")
+    ollama_hosts: str = Field(
+        default="",
+        description="Comma-separated Ollama base URLs: the pool of servers the worker spreads "
+        "its calls over (`URL#parallel=N` for a server of its own parallelism); when empty, "
+        "OLLAMA_HOST alone.",
+    )
+    ollama_num_parallel: int = Field(
+        default=4, ge=1, description="Generations each Ollama server runs at once."
+    )
+    ollama_failure_threshold: int = Field(
+        default=PoolOptions.failure_threshold,
+        ge=1,
+        description="Failures in a row that open an Ollama server's circuit.",
+    )
+    ollama_cooldown: float = Field(
+        default=PoolOptions.cooldown,
+        gt=0,
+        description="Seconds an open circuit sends nothing before the server is checked again.",
+    )
+    ollama_refresh_interval: float = Field(
+        default=PoolOptions.refresh_interval,
+        gt=0,
+        description="Seconds between checks of each Ollama server's health and models.",
+    )
     default_model: str = Field(
         default="llama3.2", description="Model used when a request names none."
     )
@@ -207,7 +232,10 @@ class Settings(BusSettings, RequestLimitSettings):
     )
 
     prefetch: int = Field(
-        default=4, ge=1, description="Concurrent generations per worker (channel prefetch)."
+        default=4,
+        ge=1,
+        description="Concurrent generations per worker (channel prefetch); when not set, the "
+        "pool's capacity: the sum of its servers' parallelism.",
     )
     delivery_limit: int = Field(
         default=5,
@@ -280,6 +308,37 @@ class Settings(BusSettings, RequestLimitSettings):
         description="Base URL of the OTLP/HTTP collector (/v1/traces is appended).",
     )
     otel_service_name: str = Field(default="chatbus-worker")
+
+    @field_validator("ollama_host", "ollama_hosts")
+    @classmethod
+    def _servers(cls, hosts: str) -> str:
+        if hosts:
+            try:
+                parse_hosts(hosts, default_parallel=1)
+            except ValueError as error:
+                raise PydanticCustomError("ollama_hosts", str(error)) from None
+        return hosts
+
+    @model_validator(mode="after")
+    def _prefetch_follows_the_pool(self) -> Self:
+        if "prefetch" not in self.model_fields_set:
+            self.prefetch = sum(server.parallel for server in self.ollama_servers)
+        return self
+
+    @property
+    def ollama_servers(self) -> list[ServerSpec]:
+        return pool_servers(
+            self.ollama_hosts, self.ollama_host, default_parallel=self.ollama_num_parallel
+        )
+
+    @property
+    def pool(self) -> PoolOptions:
+        return PoolOptions(
+            failure_threshold=self.ollama_failure_threshold,
+            cooldown=self.ollama_cooldown,
+            refresh_interval=self.ollama_refresh_interval,
+            check_timeout=self.ready_timeout,
+        )
 
     @property
     def timeouts(self) -> Timeouts:

@@ -11,7 +11,6 @@ import contextlib
 import logging
 import time
 
-import ollama
 from aio_pika.abc import AbstractIncomingMessage
 from faststream.rabbit import RabbitBroker
 from faststream.rabbit.message import RabbitMessage
@@ -28,6 +27,7 @@ from chatbus.intake import (
     request_deadline,
     request_tenant,
 )
+from chatbus.pool import OllamaPool
 from chatbus.replies import ReplyExchanges, ReplyPublisher, RequesterGone
 from chatbus.settings import Settings
 
@@ -40,12 +40,12 @@ class ChatWorker:
     def __init__(
         self,
         broker: RabbitBroker,
-        client: ollama.AsyncClient,
+        pool: OllamaPool,
         settings: Settings,
         instruments: Instruments = NO_INSTRUMENTS,
     ) -> None:
         self._broker = broker
-        self._client = client
+        self._pool = pool
         self._settings = settings
         self._limits = settings.limits
         self._instruments = instruments
@@ -162,7 +162,7 @@ class ChatWorker:
                 return
             loop_deadline = asyncio.get_running_loop().time() + remaining
         generation = Generation(
-            self._client,
+            self._pool,
             request,
             model,
             timeouts=settings.timeouts,
@@ -177,7 +177,7 @@ class ChatWorker:
             completion = await generation.run(replies)
         except ChatError as error:
             await replies.error(error)
-            log.update(generation.log_timings())
+            log.update(generation.log_fields())
             logger.info("request failed: %s", error, extra=log.ended(error.code))
             return
         finally:
@@ -187,7 +187,7 @@ class ChatWorker:
         await replies.done(completion)
         if settings.log_content:
             log["reply"] = completion.message.content
-        log.update(generation.log_timings())
+        log.update(generation.log_fields())
         logger.info(
             "request done: %s", completion.done_reason, extra=log.ended(completion.done_reason)
         )

@@ -61,11 +61,22 @@ Timing and fault modes (fields of :class:`Behaviour`):
 
 The fault counters (N) count ``done: false`` chunks of any kind.
 
+Loaded models, as Ollama's scheduler keeps them (per server, settable at any time):
+``FakeOllama(load_time=S, max_loaded_models=N)``.  A chat for a model that is not
+loaded first waits ``load_time`` seconds for its load (reported in ``load_duration``);
+concurrent requests for it share the load, and one load runs at a time.  With
+``max_loaded_models`` models loaded, loading another unloads the least recently used one
+once the requests using it have ended.  ``GET /api/ps`` lists the loaded models;
+``keep_alive: 0`` unloads after the request.  ``fake.model_loads`` and
+``fake.model_unloads`` count the swaps, ``fake.loaded_models()`` names what is loaded.
+Each server has its own ``fake.models``: run several to have servers with different models.
+
 Observability: ``fake.requests`` (every ``/api/chat`` JSON body, in order),
 ``active_streams``, ``max_active_streams``, ``completed_streams``,
 ``aborted_streams`` (the client closed the connection before the reply was
 complete; detected at once, even during a delay, by watching the socket),
-``errored_streams`` (injected faults), ``connections_opened``; ``stats()``,
+``errored_streams`` (injected faults), ``connections_opened``, ``model_loads``,
+``model_unloads``; ``stats()``,
 ``reset_stats()``.  Wait for a condition without polling with
 ``await fake.wait_for(lambda: ..., timeout)``, ``wait_aborted(n)``,
 ``wait_completed(n)`` or ``wait_idle()``; they raise ``TimeoutError``.
@@ -76,8 +87,9 @@ starts it, for tests that kill it.
 
 Standalone: ``python -m chatbus.testing.fake_ollama --host 127.0.0.1 --port 11434
 [--tokens N] [--token-delay S] [--first-token-delay S] [--model NAME ...]
-[--behaviour 'NAME={"error_after": 2}' ...]`` prints its URL and serves until
-SIGINT/SIGTERM; ``--behaviour`` adds a model with its own :class:`Behaviour` (its fields
+[--load-time S] [--max-loaded-models N] [--behaviour 'NAME={"error_after": 2}' ...]``
+prints its URL, serves until SIGINT/SIGTERM, then prints its ``stats()`` as a JSON line;
+``--behaviour`` adds a model with its own :class:`Behaviour` (its fields
 as JSON), so the fault modes work across processes too.
 """
 

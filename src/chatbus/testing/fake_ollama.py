@@ -10,6 +10,9 @@ per model name (see :class:`Behaviour`); see the package docstring of
 Run it standalone with::
 
     python -m chatbus.testing.fake_ollama --port 11434 --tokens 200 --token-delay 0.01
+
+It prints its URL, serves until SIGINT/SIGTERM, then prints its ``stats()`` as one JSON
+line.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from typing import Any, Final, Self
+
+from chatbus.testing.loaded_models import LoadedModels, Runner
 
 __all__ = [
     "DEFAULT_THINKING",
@@ -383,7 +388,12 @@ class FakeOllama:
         models: dict[str, Behaviour] | None = None,
         *,
         version: str = DEFAULT_VERSION,
+        load_time: float = 0.0,
+        max_loaded_models: int | None = None,
     ) -> None:
+        """`load_time`: seconds a chat for a model that is not loaded waits for its load.
+        `max_loaded_models` (Ollama's OLLAMA_MAX_LOADED_MODELS; None, no bound): loading
+        one more unloads the least recently used first. Both may be changed at any time."""
         self.host = host
         self._requested_port = port
         self.models: dict[str, Behaviour] = (
@@ -394,7 +404,7 @@ class FakeOllama:
         self._port: int | None = None
         self._conn_tasks: set[asyncio.Task[None]] = set()
         self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
-        self._loaded: dict[str, float] = {}
+        self._memory = LoadedModels(load_time, max_loaded_models, self._notify)
         self.requests: list[dict[str, Any]] = []
         self.active_streams = 0
         self.max_active_streams = 0
@@ -433,6 +443,7 @@ class FakeOllama:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        await self._memory.close()
         await server.wait_closed()
         for _, fut in self._waiters:
             if not fut.done():
@@ -455,6 +466,38 @@ class FakeOllama:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
+    # ------------------------------------------------------------------ loaded models
+
+    @property
+    def load_time(self) -> float:
+        return self._memory.load_time
+
+    @load_time.setter
+    def load_time(self, seconds: float) -> None:
+        self._memory.load_time = seconds
+
+    @property
+    def max_loaded_models(self) -> int | None:
+        return self._memory.max_loaded
+
+    @max_loaded_models.setter
+    def max_loaded_models(self, count: int | None) -> None:
+        self._memory.max_loaded = count
+
+    @property
+    def model_loads(self) -> int:
+        """Models loaded since the start (or `reset_stats`): each one a swap to count."""
+        return self._memory.loads
+
+    @property
+    def model_unloads(self) -> int:
+        """Models unloaded: to make room, after `keep_alive: 0`, or expired."""
+        return self._memory.unloads
+
+    def loaded_models(self) -> list[str]:
+        """The models loaded now (as `/api/ps` lists them), the most recently used first."""
+        return [runner.name for runner in self._memory.loaded()]
+
     # ------------------------------------------------------------------ observability
 
     def reset_stats(self) -> None:
@@ -465,6 +508,8 @@ class FakeOllama:
         self.aborted_streams = 0
         self.errored_streams = 0
         self.connections_opened = 0
+        self._memory.loads = 0
+        self._memory.unloads = 0
         self._notify()
 
     def stats(self) -> dict[str, int]:
@@ -476,6 +521,8 @@ class FakeOllama:
             "aborted_streams": self.aborted_streams,
             "errored_streams": self.errored_streams,
             "connections_opened": self.connections_opened,
+            "model_loads": self.model_loads,
+            "model_unloads": self.model_unloads,
         }
 
     async def wait_for(
@@ -698,23 +745,20 @@ class FakeOllama:
         )
 
     async def _ps(self, conn: _Conn, req: _Request) -> bool:
-        now = time.time()
-        models = []
-        for name, expires in sorted(self._loaded.items(), key=lambda kv: -kv[1]):
-            if expires < now or self.lookup(name) is None:
-                continue
-            models.append(
-                {
-                    "name": _full_name(name),
-                    "model": _full_name(name),
-                    "size": 3357174784,
-                    "digest": self._digest(name),
-                    "details": self._details(),
-                    "expires_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires)),
-                    "size_vram": 3357174784,
-                    "context_length": 4096,
-                }
-            )
+        models = [
+            {
+                "name": runner.name,
+                "model": runner.name,
+                "size": 3357174784,
+                "digest": self._digest(runner.name),
+                "details": self._details(),
+                "expires_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(runner.expires_at)),
+                "size_vram": 3357174784,
+                "context_length": 4096,
+            }
+            for runner in self._memory.loaded()
+            if self.lookup(runner.name) is not None
+        ]
         return await self._send_json(conn, req, 200, {"models": models})
 
     def _parse_body(self, req: _Request, struct: str) -> dict[str, Any]:
@@ -802,11 +846,6 @@ class FakeOllama:
                 conn, req, behaviour.status, self._status_message(behaviour, name)
             )
 
-        if _keep_alive_is_zero(body.get("keep_alive")):
-            self._loaded.pop(name, None)
-        else:
-            self._loaded[name] = time.time() + 300
-
         stream = body.get("stream") is not False
         plan = _Plan(self, body, name, behaviour, faulty, stream, req.keep_alive)
         self.active_streams += 1
@@ -892,9 +931,11 @@ class _Plan:
         self.loaded_ns = self.start_ns
         self.prompt_eval_count = _estimate_prompt_tokens(body)
         messages = body.get("messages") or []
+        self.unload_after = _keep_alive_is_zero(body.get("keep_alive"))
+        self.runner: Runner | None = None
         self.load_only: str | None = None
         if not messages:
-            self.load_only = "unload" if _keep_alive_is_zero(body.get("keep_alive")) else "load"
+            self.load_only = "unload" if self.unload_after else "load"
 
         think = bool(body.get("think"))
         thinking = list(behaviour.thinking) if think else []
@@ -985,9 +1026,15 @@ class _Plan:
         that has seen the end of the response also sees the updated counters."""
         if not self.finished:
             self.finished = True
+            if self.runner is not None:
+                self.fake._memory.release(self.runner, unload=self.unload_after)
             self.fake._stream_ended(outcome)
 
     async def run(self, conn: _Conn) -> _Outcome:
+        if self.load_only == "unload":
+            self.fake._memory.unload(_full_name(self.name))
+        else:
+            self.runner = await self.fake._memory.acquire(_full_name(self.name))
         if self.b.first_token_delay > 0:
             await asyncio.sleep(self.b.first_token_delay)
         self.loaded_ns = time.perf_counter_ns()
@@ -1147,6 +1194,20 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--first-token-delay", type=float, default=0.0, help="seconds before the first token"
     )
     parser.add_argument(
+        "--load-time",
+        type=float,
+        default=0.0,
+        help="seconds a chat for a model that is not loaded waits for its load",
+    )
+    parser.add_argument(
+        "--max-loaded-models",
+        type=int,
+        default=None,
+        metavar="N",
+        help="models kept loaded at once (Ollama's OLLAMA_MAX_LOADED_MODELS; default no bound): "
+        "loading one more unloads the least recently used",
+    )
+    parser.add_argument(
         "--model",
         action="append",
         dest="models",
@@ -1194,9 +1255,16 @@ async def _serve_forever(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with FakeOllama(args.host, args.port, models) as fake:
+    async with FakeOllama(
+        args.host,
+        args.port,
+        models,
+        load_time=args.load_time,
+        max_loaded_models=args.max_loaded_models,
+    ) as fake:
         print(fake.url, flush=True)
         await stop.wait()
+    print(json.dumps(fake.stats()), flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
