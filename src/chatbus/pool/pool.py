@@ -26,7 +26,6 @@ import contextlib
 import logging
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 
 import ollama
@@ -155,12 +154,7 @@ class _Leasing:
         )
         return self._lease
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         assert self._lease is not None
         if self._lease.outcome is None and exc is not None:
             self._lease.failed(exc)
