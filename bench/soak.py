@@ -35,7 +35,7 @@ from chatbus.testing.chaos import (
     dead_letter_ids,
     isolated_settings,
 )
-from chatbus.testing.cluster import RabbitCluster, RabbitNode
+from chatbus.testing.cluster import NodeError, RabbitCluster, RabbitNode
 
 RESULTS = Path(__file__).parent / "results"
 WORKER_START_TIMEOUT = 120.0
@@ -263,16 +263,23 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         idle = IdleWatch(node.url, settings.requests_queue, timeline)
         watching = asyncio.create_task(idle.run())
         try:
-            async with DurableRequester(
-                node.url, settings.names, f"soak-{run_id}.replies"
-            ) as requester:
+            reply_queue = f"soak-{run_id}.replies"
+            async with DurableRequester(node.url, settings.names, reply_queue) as requester:
                 body = {"messages": [{"role": "user", "content": "Why is the sky blue?"}]}
                 sending = asyncio.create_task(_send(requester, args.requests, args.rate, body))
                 restarts = await _chaos(workers, node, args, sending, timeline)
                 unconfirmed = await sending
                 timeline.add("all requests accepted")
                 await requester.ledger.settled(timeout=args.settle, quiet=30)
+                timeline.add("settled")
                 tally = requester.ledger.tally(await dead_letter_ids(node.url, settings.names))
+                left = await _queues(node.url, [settings.requests_queue, reply_queue])
+                broker_state = None
+                if tally.lost:
+                    try:
+                        broker_state = await _broker_state(node)
+                    except NodeError as error:
+                        broker_state = {"error": str(error)}
         finally:
             watching.cancel()
             await workers.stop()
@@ -287,9 +294,50 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         "workers_exited_by_themselves": len(workers.exited_by_themselves),
         "exits": workers.exited_by_themselves,
         "timeline": timeline.events,
+        "queues_at_the_end": left,
+        "broker_at_the_end": broker_state,
         "passed": _passed(tally, workers.exited_by_themselves),
     }
     return results
+
+
+async def _queues(url: str, names: list[str]) -> dict[str, dict[str, int]]:
+    """Messages ready in each queue, and its consumers: where unanswered requests are."""
+    state = {}
+    async with await aio_pika.connect(url) as connection:
+        channel = await connection.channel()
+        for name in names:
+            declared = (await channel.declare_queue(name, passive=True)).declaration_result
+            state[name] = {
+                "ready": declared.message_count or 0,
+                "consumers": declared.consumer_count or 0,
+            }
+    return state
+
+
+async def _broker_state(node: RabbitNode) -> dict[str, Any]:
+    """What RabbitMQ says about its queues, consumers and channels, and its alarms: for
+    finding out why requests went unanswered."""
+    status = json.loads(await node.ctl("status", "--formatter", "json"))
+    return {
+        "alarms": status.get("alarms"),
+        "queues": await node.list(
+            "queues", "name", "messages_ready", "messages_unacknowledged", "consumers"
+        ),
+        "consumers": await node.list(
+            "consumers", "queue_name", "channel_pid", "prefetch_count", "active", "arguments"
+        ),
+        "channels": await node.list(
+            "channels",
+            "pid",
+            "connection",
+            "consumer_count",
+            "messages_unacknowledged",
+            "messages_unconfirmed",
+            "prefetch_count",
+        ),
+        "connections": await node.list("connections", "pid", "name", "state"),
+    }
 
 
 def _passed(tally: Tally, exits: list[str]) -> bool:
@@ -326,6 +374,9 @@ def _table(results: dict[str, Any]) -> str:
     if tally["lost_ids"]:
         lines.append(f"  lost: {' '.join(tally['lost_ids'][:20])}")
     lines.extend(f"  worker exit: {tail}" for tail in results["exits"])
+    if tally["lost"]:
+        lines.append(f"  queues at the end: {results['queues_at_the_end']}")
+        lines.extend(f"  {event}" for event in results["timeline"])
     lines.append("PASSED" if results["passed"] else "FAILED")
     return "\n".join(lines)
 

@@ -18,6 +18,7 @@ async with DurableRequester(url, names, "soak.replies") as requester:
 """
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -27,7 +28,12 @@ from dataclasses import dataclass, field
 from typing import Any, Self
 
 import aio_pika
-from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustChannel
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+)
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 from aiormq.abc import DeliveredMessage
 
@@ -52,6 +58,7 @@ def isolated_settings(prefix: str, **values: Any) -> Settings:
 
 SEND_TIMEOUT = 10.0
 """Seconds a send may take (binding, publishing and the confirm), a reconnect included."""
+RECONNECT_INTERVAL = 0.5
 
 
 class NotSent(Exception):
@@ -126,12 +133,19 @@ class Ledger:
     def __init__(self) -> None:
         self.requests: dict[str, RequestRecord] = {}
         self._outcomes: dict[str, str] = {}
+        self._unsettled: set[str] = set()
+        """Accepted requests whose latest attempt has no terminal reply: kept as replies
+        come, since waiting must not cost a pass over every request per reply."""
         self._changed = asyncio.Event()
         self.last_reply_at = time.monotonic()
 
     def sent(self, correlation_id: str) -> RequestRecord:
         record = self.requests[correlation_id] = RequestRecord(correlation_id)
         return record
+
+    def accepted(self, record: RequestRecord) -> None:
+        record.accepted = True
+        self._update(record)
 
     def reply(self, reply: dict[str, Any]) -> None:
         record = self.requests.get(str(reply.get("correlation_id")))
@@ -145,7 +159,14 @@ class Ledger:
         self.last_reply_at = time.monotonic()
         if reply["type"] != "chunk" and key[0] >= record.last_attempt:
             self._outcomes[record.correlation_id] = reply.get("code", reply["type"])
+        self._update(record)
         self._changed.set()
+
+    def _update(self, record: RequestRecord) -> None:
+        if record.accepted and not record.ended:
+            self._unsettled.add(record.correlation_id)
+        else:
+            self._unsettled.discard(record.correlation_id)
 
     async def wait_for(self, condition: Callable[[], bool], timeout: float) -> None:
         """Until `condition()` holds, checked whenever a reply arrives."""
@@ -155,7 +176,7 @@ class Ledger:
                 await self._changed.wait()
 
     def unsettled(self) -> list[RequestRecord]:
-        return [r for r in self.requests.values() if r.accepted and not r.ended]
+        return [self.requests[correlation_id] for correlation_id in self._unsettled]
 
     async def settled(self, timeout: float, quiet: float | None = None) -> None:
         """Until every accepted request ended, or `timeout` passed, or (when given) no
@@ -163,7 +184,7 @@ class Ledger:
         to explain, or lost."""
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + timeout
-        while self.unsettled():
+        while self._unsettled:
             self._changed.clear()
             wait = give_up_at - loop.time()
             if quiet is not None:
@@ -200,39 +221,78 @@ class Ledger:
         )
 
 
+@dataclass(frozen=True)
+class _Session:
+    """One connection's channel, and the reply queue and exchange declared on it."""
+
+    channel: AbstractChannel
+    queue: AbstractQueue
+    exchange: AbstractExchange
+
+
 class DurableRequester:
     """Sends requests and records their replies in `ledger` (see the module docstring).
-    The reply queue is deleted on leaving."""
+    The reply queue is deleted on leaving.
+
+    It keeps its own connection: a plain one, made again whenever it or its channel closes
+    (not aio-pika's robust connection, whose channel stayed unrestored after a broker
+    restart under load in the soak, so that the requester, not the service, lost replies).
+    """
 
     def __init__(self, rabbitmq_url: str, names: ContractNames, reply_queue: str) -> None:
         self._url = rabbitmq_url
         self._names = names
         self._reply_queue_name = reply_queue
+        self._name = f"chaos-requester-{uuid.uuid4().hex[:8]}"
         self.ledger = Ledger()
+        self._session: _Session | None = None
+        self._connected = asyncio.Event()
 
     async def __aenter__(self) -> Self:
-        self._connection = await failover.connect_robust(
-            self._url,
-            reconnect_interval=0.5,
-            client_properties={"connection_name": f"chaos-requester-{uuid.uuid4().hex[:8]}"},
-        )
-        self._channel: AbstractRobustChannel = await self._connection.channel()
-        replies = topology.replies_exchange(self._names)
-        self._exchange = await self._channel.declare_exchange(
-            replies.name, replies.type.value, durable=True
-        )
-        self._queue: AbstractQueue = await self._channel.declare_queue(
-            self._reply_queue_name, durable=True, arguments={"x-queue-type": "quorum"}
-        )
-        await self._queue.consume(self._on_reply)
+        self._keeping = asyncio.create_task(self._stay_connected())
+        async with asyncio.timeout(SEND_TIMEOUT):
+            await self._connected.wait()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        try:
-            async with asyncio.timeout(SEND_TIMEOUT):
-                await self._channel.queue_delete(self._reply_queue_name)
-        finally:
-            await self._connection.close()
+        self._keeping.cancel()
+        await asyncio.gather(self._keeping, return_exceptions=True)
+        async with asyncio.timeout(SEND_TIMEOUT):
+            async with await failover.connect(self._url) as connection:
+                channel = await connection.channel()
+                await channel.queue_delete(self._reply_queue_name)
+
+    async def _stay_connected(self) -> None:
+        while True:
+            try:
+                async with await failover.connect(
+                    self._url, client_properties={"connection_name": self._name}
+                ) as connection:
+                    channel = await connection.channel()
+                    self._session = await self._open(channel)
+                    self._connected.set()
+                    await asyncio.wait(
+                        [
+                            asyncio.ensure_future(connection.closed()),
+                            asyncio.ensure_future(channel.closed()),
+                        ],
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+            except (TimeoutError, *CONNECTION_EXCEPTIONS):
+                pass  # the broker is away: try again
+            finally:
+                self._connected.clear()
+                self._session = None
+            await asyncio.sleep(RECONNECT_INTERVAL)
+
+    async def _open(self, channel: AbstractChannel) -> _Session:
+        replies = topology.replies_exchange(self._names)
+        exchange = await channel.declare_exchange(replies.name, replies.type.value, durable=True)
+        queue = await channel.declare_queue(
+            self._reply_queue_name, durable=True, arguments={"x-queue-type": "quorum"}
+        )
+        await queue.consume(self._on_reply)
+        return _Session(channel, queue, exchange)
 
     async def send(self, body: dict[str, Any]) -> RequestRecord:
         """Bind, publish and wait for the confirm; NotSent when that did not happen within
@@ -240,8 +300,11 @@ class DurableRequester:
         record = self.ledger.sent(uuid.uuid4().hex)
         try:
             async with asyncio.timeout(SEND_TIMEOUT):
-                await self._queue.bind(self._exchange, routing_key=record.correlation_id)
-                confirmation = await self._channel.default_exchange.publish(
+                await self._connected.wait()
+                session = self._session
+                assert session is not None
+                await session.queue.bind(session.exchange, routing_key=record.correlation_id)
+                confirmation = await session.channel.default_exchange.publish(
                     aio_pika.Message(
                         json.dumps(body).encode(),
                         content_type="application/json",
@@ -255,14 +318,15 @@ class DurableRequester:
             raise NotSent(f"{record.correlation_id}: {error!r}") from error
         if isinstance(confirmation, DeliveredMessage):
             raise NotSent(f"{record.correlation_id}: no queue {self._names.requests_queue!r}")
-        record.accepted = True
+        self.ledger.accepted(record)
         return record
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
         self.ledger.reply(json.loads(message.body))
         # If the ack is lost with the connection, the reply comes again: the ledger
         # counts it as redelivered.
-        await message.ack()
+        with contextlib.suppress(*CONNECTION_EXCEPTIONS):
+            await message.ack()
 
 
 async def dead_letter_ids(rabbitmq_url: str, names: ContractNames) -> set[str]:
