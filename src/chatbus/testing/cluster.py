@@ -178,7 +178,8 @@ class RabbitCluster:
 
     def __init__(self, size: int = 3, run_id: str | None = None) -> None:
         self.run_id = run_id or uuid.uuid4().hex[:8]
-        self._base = Path(tempfile.mkdtemp(prefix=f"chatbus-{self.run_id}-"))
+        # Made when the cluster starts: a cluster never started leaves nothing behind.
+        self._base = Path(tempfile.gettempdir(), f"chatbus-{self.run_id}")
         self.nodes = [
             RabbitNode(f"chatbus-{self.run_id}-{n}@localhost", self._base)
             for n in range(1, size + 1)
@@ -204,6 +205,7 @@ class RabbitCluster:
 
     async def start(self) -> None:
         started = time.monotonic()
+        self._base.mkdir()
         _give_to_rabbitmq(self._base)
         await asyncio.gather(*(node.start() for node in self.nodes))
         first, *others = self.nodes
