@@ -46,7 +46,7 @@ FOREVER = 1e9
 def _arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__)
     parser.add_argument("--requests", type=int, default=10_000)
-    parser.add_argument("--rate", type=float, default=100.0, help="requests sent per second")
+    parser.add_argument("--rate", type=float, default=50.0, help="requests sent per second")
     parser.add_argument("--workers", type=int, default=2, help="workers running at once")
     parser.add_argument(
         "--kill-every", type=float, default=3.0, help="seconds between two worker SIGKILLs"
@@ -58,7 +58,13 @@ def _arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--token-delay", type=float, default=0.02, help="seconds per token")
     parser.add_argument("--prefetch", type=int, default=16)
     parser.add_argument(
-        "--settle", type=float, default=120.0, help="seconds to wait for the last answers"
+        "--quiet",
+        type=float,
+        default=60.0,
+        help="after the sending, stop waiting for answers once none came for this long",
+    )
+    parser.add_argument(
+        "--settle", type=float, default=1800.0, help="wait at most this long for the answers"
     )
     parser.add_argument(
         "--json", action="store_true", help="print the results as JSON instead of a table"
@@ -270,7 +276,8 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
                 restarts = await _chaos(workers, node, args, sending, timeline)
                 unconfirmed = await sending
                 timeline.add("all requests accepted")
-                await requester.ledger.settled(timeout=args.settle, quiet=30)
+                # The backlog can be long: the workers keep being killed.
+                await requester.ledger.settled(timeout=args.settle, quiet=args.quiet)
                 timeline.add("settled")
                 tally = requester.ledger.tally(await dead_letter_ids(node.url, settings.names))
                 left = await _queues(node.url, [settings.requests_queue, reply_queue])
