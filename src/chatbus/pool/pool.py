@@ -337,21 +337,13 @@ class OllamaPool:
         self._dispatch()
 
     def _dispatch(self) -> None:
-        """Hand free slots to the waiting requests, in the order they came. A request that
-        must wait for a slot tells the same of every later one for the same model and
-        servers: taking slots for others frees none, so those are not chosen for again (a
-        choice per waiter on every release was quadratic when many wait)."""
-        still_waiting: set[tuple[str, frozenset[str]]] = set()
+        """Hand free slots to the waiting requests, in the order they came."""
         for waiter in list(self._waiters):
             if waiter.lease.done():  # cancelled by `close`
                 self._waiters.remove(waiter)
                 continue
-            kind = (waiter.model, waiter.exclude)
-            if kind in still_waiting:
-                continue
             verdict = self._choose(waiter.model, waiter.exclude)
             if verdict is Verdict.WAIT:
-                still_waiting.add(kind)
                 continue
             self._waiters.remove(waiter)
             if isinstance(verdict, Backend):
